@@ -1,0 +1,1321 @@
+"""RINE+SSCA: tell real photographs from AI-generated images.
+
+One file, read top to bottom: configuration, setup, losses, modules, model, data,
+evaluation, training, command line.
+
+    python rine_plus_ssca.py --demo                  # offline: tiny backbone, generated data, ~1 min on a CPU
+    python rine_plus_ssca.py                         # train with the constants below (data/train, data/val)
+    python rine_plus_ssca.py --batch-size 64 --xi 0.4  # any constant can be overridden; --help lists them
+    python rine_plus_ssca.py eval --ckpt checkpoints/best_rine_plus_ssca.pth --data data/test
+
+Training writes checkpoints/best_rine_plus_ssca.pth (best epoch by SELECT_METRIC) and
+checkpoints/last_rine_plus_ssca.pth (every epoch). In a notebook:
+
+    from rine_plus_ssca import load_detector, predict
+    model = load_detector("checkpoints/best_rine_plus_ssca.pth")
+    p_fake = predict(model, ["photo.jpg"])          # NumPy array, P(fake) per image
+
+The model: a frozen CLIP ViT-L/14 gives the CLS token of every block; a shared
+projection Q1, a trainable importance estimator (TIE) over blocks and a second
+projection Q2 turn them into one vector (RINE, Koutlis & Papadopoulos, ECCV 2024).
+A spectral branch reads the image's 8x8 block DCT with a DCTConvBlock and a
+Spectrum-Spatial Collaborative Attention (SSCA). Cross-attention fuses the two
+branches, a gated MLP makes the representation, and the loss is BCE + XI * SupCon.
+"""
+
+import argparse
+import difflib
+import io
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+_NAMES_BEFORE_CONFIG = set(globals())
+# =====================================================================================
+# Configuration: every constant below is also a command-line option
+# (BATCH_SIZE -> --batch-size). The comment after each one is its --help text.
+# =====================================================================================
+
+# --- data and files ---
+DATA_DIR = "data"  # folder holding train/ and optionally val/ (labels come from folder names)
+CHECKPOINT_DIR = "checkpoints"  # where best_/last_rine_plus_ssca.pth are written
+TRAIN_CLASSES = ""  # comma-separated generator/category folders to train on, e.g. "car,cat,chair,horse"; "" = all
+VAL_FRACTION = 0.1  # share of train held out (seeded, stratified) when DATA_DIR/val is absent; 0.05-0.2
+
+# --- backbone ---
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # HuggingFace id or a local folder saved with save_pretrained
+BLOCKS = "all"  # CLIP blocks whose CLS token is used: "all", "0-11" or "4,8,12" (0-based)
+
+# --- model ---
+PROJ_DIM = 1024  # d', width of Q1/TIE/Q2 (RINE: 128-1024, best 1024)
+NPROJ = 2  # Linear+ReLU+Dropout layers in each of Q1 and Q2 (RINE: 1-4, best 2)
+DROPOUT = 0.5  # dropout in Q1/Q2 and the gated MLP; 0-0.5
+SPEC_CHANNELS = 256  # C, channels of the spectral map after the DCTConvBlock; 64-512
+FUSION_DIM = 512  # D, width of the fused representation; 128-1024
+FUSION_HEADS = 8  # attention heads in the cross-attention fusion (must divide FUSION_DIM)
+
+# --- ablations (one switch each) ---
+USE_SPECTRAL = True  # False = RINE alone (no DCT/SSCA branch, no fusion)
+USE_TIE = True  # False = plain mean over blocks instead of the learned block importances
+FUSION = "cross_attention"  # "cross_attention" or "concat" (concatenate z_clip and z_dct, then Linear)
+SPECTRAL_INPUT = "dct"  # "dct" (8x8 block DCT of the pixels) or "clip_patches" (patch tokens of PATCH_BLOCK)
+PATCH_BLOCK = 12  # block whose patch tokens feed the spectral branch when SPECTRAL_INPUT="clip_patches"
+
+# --- loss and optimisation ---
+XI = 0.2  # weight of SupCon; BCE is summed over the batch as in RINE, so RINE's grid {0.1,0.2,0.4,0.8} applies; 0 = no SupCon
+SUPCON_TEMPERATURE = 0.07  # SupCon temperature (Khosla et al.); 0.05-0.2
+LR = 1e-3  # Adam learning rate (RINE: 1e-3)
+WEIGHT_DECAY = 0.0  # Adam weight decay
+EPOCHS = 1  # passes over the training set (RINE found 1 best; try 3-5 when the spectral branch is on)
+BATCH_SIZE = 128  # images per step (RINE: 128; lower it if you run out of GPU memory)
+SELECT_METRIC = "ap"  # validation metric that picks the best epoch: "acc", "ap", "auc" or "loss"
+THRESHOLD = 0.5  # P(fake) at or above which an image is called fake
+
+# --- augmentation (training only; evaluation uses a centre crop) ---
+CROP_SIZE = 224  # crop side in pixels; images are cropped, never resized (resizing erases artefacts)
+BLUR_PROB = 0.5  # probability of Gaussian blur
+BLUR_SIGMA_MAX = 3.0  # blur sigma ~ U[0, BLUR_SIGMA_MAX]
+JPEG_PROB = 0.5  # probability of JPEG re-encoding
+JPEG_QUALITY_MIN = 30  # JPEG quality ~ U{JPEG_QUALITY_MIN..100}
+
+# --- machine ---
+DEVICE = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
+AMP = "auto"  # mixed precision: "auto" (bf16 on GPUs with it, else fp16; off on CPU), "bf16", "fp16", "off"
+NUM_WORKERS = 8  # data-loading processes (capped at the number of CPU cores)
+SEED = 0  # seeds Python, NumPy and torch (and the hold-out split)
+LOG_EVERY = 20  # steps between progress-bar loss updates (each update syncs with the GPU)
+
+# Every UPPERCASE name above is a configuration constant (and a command-line option).
+CONFIG_NAMES = [name for name in dict(globals()) if name.isupper() and name not in _NAMES_BEFORE_CONFIG]
+
+CHOICES = {
+    "SELECT_METRIC": ("acc", "ap", "auc", "loss"),
+    "FUSION": ("cross_attention", "concat"),
+    "SPECTRAL_INPUT": ("dct", "clip_patches"),
+    "AMP": ("auto", "bf16", "fp16", "off"),
+}
+
+# The demo changes these (options given on the command line still win).
+DEMO_OVERRIDES = dict(
+    DATA_DIR="data/demo", CHECKPOINT_DIR="checkpoints/demo", CLIP_MODEL="checkpoints/demo/tiny_clip_backbone",
+    EPOCHS=4, BATCH_SIZE=32, PROJ_DIM=128, SPEC_CHANNELS=64, FUSION_DIM=128, FUSION_HEADS=4,
+    NUM_WORKERS=2, LOG_EVERY=5, PATCH_BLOCK=2,
+)
+
+CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes
+BEST_NAME = "best_rine_plus_ssca.pth"
+LAST_NAME = "last_rine_plus_ssca.pth"
+
+# CLIP's preprocessing constants, so nothing has to be downloaded to normalise an image.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# =====================================================================================
+# Setup: errors, seeds, devices, atomic files
+# =====================================================================================
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line without a traceback."""
+
+
+def default_config():
+    """The constants at the top of this file as a namespace (cfg.BATCH_SIZE, ...)."""
+    return SimpleNamespace(**{name: globals()[name] for name in CONFIG_NAMES})
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"DEVICE={name!r} but no CUDA GPU is visible; use --device cpu or install a CUDA build of PyTorch.")
+    return device
+
+
+def resolve_amp_dtype(amp, device):
+    """The autocast dtype for this device, or None for full float32."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temporary file, fsync, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def parse_block_list(spec, n_layers):
+    """'all' | '0-11' | '4,8,12' -> sorted list of 0-based block indices."""
+    if spec.strip().lower() == "all":
+        return list(range(n_layers))
+    blocks = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-"))
+                blocks.update(range(lo, hi + 1))
+            elif part:
+                blocks.add(int(part))
+        except ValueError:
+            raise UserError(f"BLOCKS={spec!r} is not understood; use 'all', a range like '0-11' or a list like '4,8,12'.")
+    if not blocks or min(blocks) < 0 or max(blocks) >= n_layers:
+        raise UserError(f"BLOCKS={spec!r} must name blocks between 0 and {n_layers - 1} (the backbone has {n_layers}).")
+    return sorted(blocks)
+
+
+# =====================================================================================
+# Losses: pure functions
+# =====================================================================================
+
+def supervised_contrastive_loss(features, labels, temperature=0.07, base_temperature=0.07):
+    """SupCon (Khosla et al. 2020), single view.
+
+    features [B, D] (any scale; L2-normalised here), labels [B] -> scalar.
+    The anchor itself is excluded; an anchor without positives contributes 0 but still
+    counts in the mean, as in the reference code. Computed in float32 even under autocast.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        features = F.normalize(features.float(), dim=1)
+        batch = features.shape[0]
+        if batch < 2:  # no pair at all: nothing to contrast, and a zero keeps the graph intact
+            return features.sum() * 0.0
+        labels = labels.reshape(-1, 1)
+        logits = features @ features.T / temperature
+        logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
+        not_self = ~torch.eye(batch, dtype=torch.bool, device=features.device)
+        positives = (labels == labels.T) & not_self
+        log_denominator = torch.log((torch.exp(logits) * not_self).sum(dim=1, keepdim=True))
+        log_prob = logits - log_denominator
+        positives_per_anchor = positives.sum(dim=1)
+        mean_log_prob_pos = torch.where(positives, log_prob, 0.0).sum(dim=1) / positives_per_anchor.clamp(min=1)
+        return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+
+
+def bce_loss_sum(logits, labels):
+    """BCE with logits summed over the batch, as RINE does (so its XI grid keeps its meaning)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
+
+
+# =====================================================================================
+# Modules
+# =====================================================================================
+
+def load_clip_vision(name, dtype=None):
+    """CLIPVisionModel from a HuggingFace id or a local folder, with a clear message when it can't be had."""
+    from transformers import CLIPVisionModel  # imported here so `import rine_plus_ssca` stays light
+
+    try:
+        return CLIPVisionModel.from_pretrained(name, attn_implementation="sdpa", dtype=dtype or torch.float32)
+    except Exception as error:  # network, cache, or a folder without weights: all fixed the same ways
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"Could not load the CLIP backbone {name!r} ({first_line[:160]}). Fix: set CLIP_MODEL / --clip-model to a "
+            "local folder with the model (saved with save_pretrained or downloaded once), or point huggingface_hub "
+            "at a mirror with the HF_ENDPOINT environment variable, e.g. HF_ENDPOINT=https://hf-mirror.com."
+        ) from error
+
+
+class FrozenCLIPBlocks(nn.Module):
+    """Frozen CLIP vision tower returning the CLS token of each chosen block.
+
+    The token is taken at the output of each block's second LayerNorm (layer_norm2, the
+    MLP input), as RINE does, with forward hooks. Blocks after the last one needed are
+    removed, so no work is spent on them.
+    pixels [B,3,H,W] -> cls_tokens [B,n_blocks,width], patch_tokens [B,width,g,g] or None.
+    """
+
+    def __init__(self, clip_model, blocks="all", patch_block=None, dtype=None):
+        super().__init__()
+        self.clip = load_clip_vision(clip_model, dtype)
+        vision = getattr(self.clip, "vision_model", self.clip)  # transformers 4 nests it; 5 does not
+        layers = vision.encoder.layers
+        self.backbone_config = self.clip.config.to_dict()
+        self.width = self.clip.config.hidden_size
+        self.grid = self.clip.config.image_size // self.clip.config.patch_size
+        self.blocks = parse_block_list(blocks, len(layers))
+        self.patch_block = patch_block
+        if patch_block is not None and not 0 <= patch_block < len(layers):
+            raise UserError(f"PATCH_BLOCK={patch_block} must be between 0 and {len(layers) - 1}.")
+        last_needed = max(self.blocks + ([patch_block] if patch_block is not None else []))
+        vision.encoder.layers = layers[: last_needed + 1]
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        self._caught = {}
+        for index, layer in enumerate(vision.encoder.layers):
+            layer.layer_norm2.register_forward_hook(self._make_hook(index))
+
+    def _make_hook(self, index):
+        def hook(module, inputs, output):
+            if index in self.blocks:
+                self._caught[("cls", index)] = output[:, 0]
+            if index == self.patch_block:
+                self._caught[("patches", index)] = output[:, 1:]
+        return hook
+
+    def train(self, mode=True):
+        """The backbone stays in eval mode whatever the parent's train() says."""
+        return super().train(False)
+
+    def forward(self, pixels):
+        self._caught = {}
+        with torch.no_grad():
+            self.clip(pixel_values=pixels.to(self.clip.dtype))
+        cls_tokens = torch.stack([self._caught[("cls", i)] for i in self.blocks], dim=1).float()
+        patch_tokens = None
+        if self.patch_block is not None:
+            patches = self._caught[("patches", self.patch_block)].float()
+            patch_tokens = patches.transpose(1, 2).reshape(patches.shape[0], self.width, self.grid, self.grid)
+        self._caught = {}
+        return cls_tokens, patch_tokens
+
+
+def projection_mlp(in_dim, out_dim, n_layers, dropout):
+    """RINE's Q: Dropout, then n_layers x [Linear, ReLU, Dropout]. [.., in_dim] -> [.., out_dim]."""
+    layers = [nn.Dropout(dropout)]
+    for i in range(n_layers):
+        layers += [nn.Linear(in_dim if i == 0 else out_dim, out_dim), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class TrainableImportanceEstimator(nn.Module):
+    """TIE: one weight per (block, channel), softmax over blocks. [B,n,d'] -> [B,d'], weights [n,d']."""
+
+    def __init__(self, n_blocks, dim, enabled=True):
+        super().__init__()
+        self.enabled = enabled
+        self.alpha = nn.Parameter(torch.randn(1, n_blocks, dim)) if enabled else None
+
+    def block_weights(self):
+        """softmax(alpha) over blocks, [n_blocks, d']; uniform when TIE is off."""
+        if not self.enabled:
+            return None
+        return self.alpha.softmax(dim=1)[0]
+
+    def forward(self, tokens):
+        if not self.enabled:
+            return tokens.mean(dim=1)
+        return (self.alpha.softmax(dim=1) * tokens).sum(dim=1)
+
+
+def dct_matrix(n=8):
+    """Orthonormal DCT-II basis, [n, n]: row k is the k-th cosine."""
+    k = torch.arange(n, dtype=torch.float64).reshape(-1, 1)
+    i = torch.arange(n, dtype=torch.float64).reshape(1, -1)
+    basis = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    basis[0] /= math.sqrt(2.0)
+    return basis.float()
+
+
+class BlockDCT(nn.Module):
+    """Fixed 8x8 block DCT of each colour channel, log-magnitude, then BatchNorm.
+
+    [B,3,H,W] -> [B,3*64,H/8,W/8]. Channel c*64 + 8u + v holds frequency (u, v) of colour c.
+    The log of |DCT| (as in Frank et al. 2020) brings the small high-frequency
+    coefficients, where upsampling leaves its traces, to the same scale as the DC term.
+    """
+
+    def __init__(self, block=8, in_channels=3):
+        super().__init__()
+        basis = dct_matrix(block)
+        filters = torch.einsum("ui,vj->uvij", basis, basis).reshape(block * block, 1, block, block)
+        self.register_buffer("filters", filters.repeat(in_channels, 1, 1, 1), persistent=False)
+        self.block = block
+        self.in_channels = in_channels
+        self.norm = nn.BatchNorm2d(in_channels * block * block)
+
+    def forward(self, pixels):
+        with torch.autocast(device_type=pixels.device.type, enabled=False):  # small coefficients need float32
+            coefficients = F.conv2d(pixels.float(), self.filters, stride=self.block, groups=self.in_channels)
+            return self.norm(torch.log1p(coefficients.abs()))
+
+
+class DCTConvBlock(nn.Module):
+    """Depthwise 7x7, GELU, depthwise 3x3 (residual), pointwise 1x1, BatchNorm; keeps H and W.
+
+    [B,in_channels,H,W] -> [B,out_channels,H,W].
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.depthwise7 = nn.Conv2d(in_channels, in_channels, 7, padding=3, groups=in_channels)
+        self.depthwise3 = nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels)
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        x = x + self.depthwise3(F.gelu(self.depthwise7(x)))  # residual keeps the raw spectrum reachable
+        return self.norm(self.pointwise(x))
+
+
+class SpectrumSpatialCollaborativeAttention(nn.Module):
+    """SSCA: a spatial gate and a frequency gate on a real map, combined with a residual.
+
+    Spatial: sigmoid(conv7x7([mean_c x; max_c x])) -> [B,1,H,W] (CBAM).
+    Frequency: X = rfft2(x) [B,C,H,W/2+1]; X * filter * sigmoid(conv3x3([mean_c log1p|X|; max_c log1p|X|]))
+    with a learned complex filter per (channel, frequency) (GFNet) and a data-dependent gate
+    per frequency, then irfft2. Both vary over frequencies, so unlike one scalar per channel
+    (which would be just x * w) they can favour some frequencies over others.
+    x [B,C,H,W] -> [B,C,H,W].
+    """
+
+    def __init__(self, channels, height, width):
+        super().__init__()
+        self.spatial_conv = nn.Conv2d(2, 1, 7, padding=3)
+        self.frequency_conv = nn.Conv2d(2, 1, 3, padding=1)
+        filter_init = torch.zeros(channels, height, width // 2 + 1, 2)
+        filter_init[..., 0] = 1.0  # start as the identity filter
+        self.frequency_filter = nn.Parameter(filter_init + 0.02 * torch.randn_like(filter_init))
+        self.spatial_weight = nn.Parameter(torch.tensor(0.5))
+        self.frequency_weight = nn.Parameter(torch.tensor(0.5))
+
+    @staticmethod
+    def _pooled_over_channels(x):
+        return torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+
+    def spatial_path(self, x):
+        return x * torch.sigmoid(self.spatial_conv(self._pooled_over_channels(x)))
+
+    def frequency_path(self, x):
+        height, width = x.shape[-2:]
+        # Half-precision FFTs only work for power-of-two sizes, and 28 is not one.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spectrum = torch.fft.rfft2(x.float(), norm="ortho")
+            gate = torch.sigmoid(self.frequency_conv(self._pooled_over_channels(torch.log1p(spectrum.abs()))))
+            spectrum = spectrum * torch.view_as_complex(self.frequency_filter.float()) * gate
+            return torch.fft.irfft2(spectrum, s=(height, width), norm="ortho")
+
+    def forward(self, x):
+        return x + self.spatial_weight * self.spatial_path(x) + self.frequency_weight * self.frequency_path(x).to(x.dtype)
+
+
+class CrossAttentionCombination(nn.Module):
+    """Two-way multi-head cross-attention between the branches.
+
+    z_clip [B,d'] attends over the spectral map's tokens [B,H*W,C]; z_dct [B,C] attends over
+    the block tokens [B,n,d'] (plus a learned embedding saying which block). -> z [B,D].
+    """
+
+    def __init__(self, clip_dim, spectral_dim, n_blocks, dim, heads):
+        super().__init__()
+        self.clip_query = nn.Linear(clip_dim, dim)
+        self.spectral_query = nn.Linear(spectral_dim, dim)
+        self.block_embedding = nn.Parameter(torch.zeros(1, n_blocks, clip_dim))
+        self.clip_attends_spectrum = nn.MultiheadAttention(dim, heads, kdim=spectral_dim, vdim=spectral_dim, batch_first=True)
+        self.spectrum_attends_blocks = nn.MultiheadAttention(dim, heads, kdim=clip_dim, vdim=clip_dim, batch_first=True)
+        self.out = nn.Sequential(nn.Linear(2 * dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, z_clip, block_tokens, z_dct, spectral_tokens):
+        query_clip = self.clip_query(z_clip).unsqueeze(1)
+        query_dct = self.spectral_query(z_dct).unsqueeze(1)
+        keys_blocks = block_tokens + self.block_embedding
+        from_spectrum, _ = self.clip_attends_spectrum(query_clip, spectral_tokens, spectral_tokens, need_weights=False)
+        from_blocks, _ = self.spectrum_attends_blocks(query_dct, keys_blocks, keys_blocks, need_weights=False)
+        fused = torch.cat([query_clip + from_spectrum, query_dct + from_blocks], dim=-1).squeeze(1)
+        return self.out(fused)
+
+
+class GatedMLP(nn.Module):
+    """x + W_out(GELU(W_main LN(x)) * sigmoid(W_gate LN(x))). [B,D] -> [B,D]."""
+
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.main = nn.Linear(dim, hidden)
+        self.gate = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.dropout(self.out(F.gelu(self.main(h)) * torch.sigmoid(self.gate(h))))
+
+
+# =====================================================================================
+# Model
+# =====================================================================================
+
+class RINEPlusSSCA(nn.Module):
+    """The detector. pixels [B,3,224,224] (CLIP-normalised) -> logits [B] (1 = fake), features [B,D].
+
+    Only the head is trainable; `trainable_state_dict()` is what checkpoints store.
+    """
+
+    def __init__(self, cfg, backbone_dtype=None):
+        super().__init__()
+        self.config = {name: getattr(cfg, name) for name in CONFIG_NAMES}
+        use_patches = cfg.USE_SPECTRAL and cfg.SPECTRAL_INPUT == "clip_patches"
+        self.backbone = FrozenCLIPBlocks(cfg.CLIP_MODEL, cfg.BLOCKS, cfg.PATCH_BLOCK if use_patches else None, backbone_dtype)
+        n_blocks, width, d = len(self.backbone.blocks), self.backbone.width, cfg.PROJ_DIM
+        self.q1 = projection_mlp(width, d, cfg.NPROJ, cfg.DROPOUT)
+        self.tie = TrainableImportanceEstimator(n_blocks, d, enabled=cfg.USE_TIE)
+        self.q2 = projection_mlp(d, d, cfg.NPROJ, cfg.DROPOUT)
+
+        self.use_spectral = cfg.USE_SPECTRAL
+        self.spectral_input = cfg.SPECTRAL_INPUT
+        dim = cfg.FUSION_DIM
+        if cfg.USE_SPECTRAL:
+            if use_patches:
+                self.spectral_stem, stem_channels, side = nn.BatchNorm2d(width), width, self.backbone.grid
+            else:
+                self.spectral_stem, stem_channels, side = BlockDCT(), 3 * 64, cfg.CROP_SIZE // 8
+            self.dct_conv = DCTConvBlock(stem_channels, cfg.SPEC_CHANNELS)
+            self.ssca = SpectrumSpatialCollaborativeAttention(cfg.SPEC_CHANNELS, side, side)
+            if cfg.FUSION == "cross_attention":
+                self.fusion = CrossAttentionCombination(d, cfg.SPEC_CHANNELS, n_blocks, dim, cfg.FUSION_HEADS)
+            else:
+                self.fusion = nn.Sequential(nn.Linear(d + cfg.SPEC_CHANNELS, dim), nn.LayerNorm(dim))
+        else:
+            self.fusion = nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim))
+        self.gated_mlp = GatedMLP(dim, 2 * dim, cfg.DROPOUT)
+        self.classifier = nn.Linear(dim, 1)
+        self.supcon_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def trainable_parameters(self):
+        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+    def trainable_state_dict(self):
+        """Everything but the frozen CLIP weights: what a checkpoint holds."""
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def block_importance(self):
+        """TIE importance per block, softmax(alpha) averaged over channels: [n_blocks] (sums to 1)."""
+        weights = self.tie.block_weights()
+        if weights is None:
+            return torch.full((len(self.backbone.blocks),), 1.0 / len(self.backbone.blocks))
+        return weights.detach().float().mean(dim=1).cpu()
+
+    def forward(self, pixels):
+        cls_tokens, patch_tokens = self.backbone(pixels)
+        block_tokens = self.q1(cls_tokens)  # [B,n,d'], one network shared by all blocks
+        z_clip = self.q2(self.tie(block_tokens))  # [B,d']
+        if not self.use_spectral:
+            z = self.fusion(z_clip)
+        else:
+            stem_input = patch_tokens if self.spectral_input == "clip_patches" else pixels
+            spectral_map = self.ssca(self.dct_conv(self.spectral_stem(stem_input)))  # [B,C,h,w]
+            z_dct = spectral_map.mean(dim=(2, 3))  # [B,C]
+            if isinstance(self.fusion, CrossAttentionCombination):
+                spectral_tokens = spectral_map.flatten(2).transpose(1, 2)  # [B,h*w,C]
+                z = self.fusion(z_clip, block_tokens, z_dct, spectral_tokens)
+            else:
+                z = self.fusion(torch.cat([z_clip, z_dct], dim=1))
+        representation = self.gated_mlp(z)
+        return self.classifier(representation).squeeze(1), self.supcon_projection(representation)
+
+
+def trainable_parameter_counts(model):
+    """{module name: trainable parameter count} for the head's top-level modules."""
+    counts = {}
+    for name, module in model.named_children():
+        if name != "backbone":
+            counts[name] = sum(p.numel() for p in module.parameters())
+    return counts
+
+
+# =====================================================================================
+# Data: labels from folder names, augmentation, loaders, demo data
+# =====================================================================================
+
+REAL_FOLDER_NAMES = {"0_real", "real", "nature"}
+FAKE_FOLDER_NAMES = {"1_fake", "fake", "ai"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def label_from_parts(parts):
+    """(label, index of the label folder) for the nearest label folder in `parts`, or (None, None)."""
+    for index in range(len(parts) - 1, -1, -1):
+        name = parts[index].lower()
+        if name in REAL_FOLDER_NAMES:
+            return 0, index
+        if name in FAKE_FOLDER_NAMES:
+            return 1, index
+    return None, None
+
+
+def scan_image_folder(root):
+    """Every image under root with its label and group.
+
+    Returns (items, unlabeled): items are (path, label, group) where group is the folder path
+    between root and the label folder ("car", "biggan", "sdv4/val"; "." when the label folder
+    sits directly under root); unlabeled lists images under no label folder.
+    """
+    root = Path(root)
+    items, unlabeled = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        parts = Path(dirpath).relative_to(root).parts
+        label, label_index = label_from_parts(parts)
+        for filename in sorted(filenames):
+            if Path(filename).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(dirpath, filename)
+            if label is None:
+                unlabeled.append(path)
+            else:
+                items.append((path, label, "/".join(parts[:label_index]) or "."))
+    return items, unlabeled
+
+
+def generator_of(group):
+    """The generator a group belongs to: its first folder ('biggan/cat' -> 'biggan')."""
+    return group.split("/")[0]
+
+
+def filter_classes(items, train_classes):
+    """Keep items whose group path contains one of the comma-separated folder names."""
+    wanted = {name.strip() for name in train_classes.split(",") if name.strip()}
+    if not wanted:
+        return items
+    return [item for item in items if wanted & set(item[2].split("/"))]
+
+
+def stratified_holdout(items, fraction, seed):
+    """Seeded split keeping each (group, label) in the same proportion on both sides."""
+    rng = random.Random(seed)
+    strata = {}
+    for item in items:
+        strata.setdefault((item[2], item[1]), []).append(item)
+    train, val = [], []
+    for key in sorted(strata):
+        members = strata[key][:]
+        rng.shuffle(members)
+        n_val = int(round(fraction * len(members)))
+        val += members[:n_val]
+        train += members[n_val:]
+    return train, val
+
+
+def count_table(items):
+    """Rows of (group, n_real, n_fake) plus a total row."""
+    counts = {}
+    for _, label, group in items:
+        counts.setdefault(group, [0, 0])[label] += 1
+    rows = [(group, real, fake) for group, (real, fake) in sorted(counts.items())]
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    return rows
+
+
+def load_rgb(source):
+    """A path or PIL image -> 8-bit RGB PIL image (16-bit, palette, RGBA, CMYK, grayscale all handled)."""
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale, don't clip
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array / 257.0, 0, 255).astype(np.uint8))
+    elif image.mode == "P":
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+class RandomBlurJPEG:
+    """Gaussian blur (p, sigma~U[0,max]) then JPEG re-encoding (p, quality~U{min..100}), as CNNDetection/RINE."""
+
+    def __init__(self, blur_prob, blur_sigma_max, jpeg_prob, jpeg_quality_min):
+        self.blur_prob, self.blur_sigma_max = blur_prob, blur_sigma_max
+        self.jpeg_prob, self.jpeg_quality_min = jpeg_prob, jpeg_quality_min
+
+    def __call__(self, image):
+        if torch.rand(1).item() < self.blur_prob:
+            sigma = torch.rand(1).item() * self.blur_sigma_max
+            if sigma > 0:
+                image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
+        if torch.rand(1).item() < self.jpeg_prob:
+            quality = int(torch.randint(self.jpeg_quality_min, 101, (1,)).item())
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            buffer.seek(0)
+            image = Image.open(buffer).convert("RGB")
+        return image
+
+
+def build_transform(cfg, train):
+    """PIL image -> normalised tensor [3,CROP,CROP]. Train: blur/JPEG, random crop, flip. Test: centre crop."""
+    from torchvision import transforms
+
+    normalise = [transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)]
+    if not train:
+        # CenterCrop pads smaller images with zeros, so any size works.
+        return transforms.Compose([transforms.CenterCrop(cfg.CROP_SIZE)] + normalise)
+    return transforms.Compose([
+        RandomBlurJPEG(cfg.BLUR_PROB, cfg.BLUR_SIGMA_MAX, cfg.JPEG_PROB, cfg.JPEG_QUALITY_MIN),
+        transforms.RandomCrop(cfg.CROP_SIZE, pad_if_needed=True),
+        transforms.RandomHorizontalFlip(),
+    ] + normalise)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) items -> (pixels [3,H,W], label); an unreadable image gives None (skipped by the collate)."""
+
+    def __init__(self, items, transform):
+        # NumPy arrays rather than lists of Python objects: workers don't copy them page by page.
+        self.paths = np.array([item[0] for item in items])
+        self.labels = np.array([item[1] for item in items], dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = str(self.paths[index])
+        try:
+            with Image.open(path) as image:
+                pixels = self.transform(load_rgb(image))
+        except Exception as error:  # truncated, empty, not an image, decompression bomb...
+            print(f"\nwarning: skipped unreadable image {path} ({type(error).__name__}: {error})", file=sys.stderr)
+            return None
+        return pixels, int(self.labels[index]), index
+
+
+def collate_skipping_bad(batch):
+    """Stack the readable samples; returns (pixels, labels, indices, n_skipped) or None if none were readable."""
+    good = [sample for sample in batch if sample is not None]
+    n_skipped = len(batch) - len(good)
+    if not good:
+        return None, None, None, n_skipped
+    pixels = torch.stack([sample[0] for sample in good])
+    labels = torch.tensor([sample[1] for sample in good], dtype=torch.float32)
+    indices = torch.tensor([sample[2] for sample in good])
+    return pixels, labels, indices, n_skipped
+
+
+def make_loader(items, cfg, train, device, seed=0):
+    dataset = ImageDataset(items, build_transform(cfg, train))
+    workers = max(0, min(cfg.NUM_WORKERS, os.cpu_count() or 1))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.BATCH_SIZE,
+        shuffle=train,
+        drop_last=train and len(dataset) > cfg.BATCH_SIZE,  # a last tiny batch would give SupCon few pairs
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        collate_fn=collate_skipping_bad,
+        generator=generator,
+    )
+
+
+def prepare_splits(cfg):
+    """(train_items, val_items) from DATA_DIR, with counts printed and mistakes explained."""
+    data_dir = Path(cfg.DATA_DIR)
+    train_dir, val_dir = data_dir / "train", data_dir / "val"
+    if not train_dir.is_dir():
+        raise UserError(f"No training folder {train_dir}/. Put images under {train_dir}/<...>/0_real|1_fake "
+                        "(or real|fake, nature|ai), or set --data-dir; try --demo for a generated example.")
+    train_items, unlabeled = scan_image_folder(train_dir)
+    if unlabeled:
+        print(f"note: {len(unlabeled)} images under {train_dir} sit in no real/fake folder and are ignored, e.g. {unlabeled[0]}")
+    train_items = filter_classes(train_items, cfg.TRAIN_CLASSES)
+    if not train_items:
+        raise UserError(f"No labelled images under {train_dir}" + (f" for TRAIN_CLASSES={cfg.TRAIN_CLASSES!r}" if cfg.TRAIN_CLASSES else "")
+                        + ". Labels come from folder names: 0_real/real/nature and 1_fake/fake/ai.")
+    if val_dir.is_dir():
+        val_items, _ = scan_image_folder(val_dir)
+        selected = filter_classes(val_items, cfg.TRAIN_CLASSES)
+        val_items = selected or val_items
+        val_source = str(val_dir)
+    else:
+        train_items, val_items = stratified_holdout(train_items, cfg.VAL_FRACTION, cfg.SEED)
+        val_source = f"a {cfg.VAL_FRACTION:.0%} stratified hold-out of {train_dir} (seed {cfg.SEED})"
+    for name, split in (("train", train_items), ("validation", val_items)):
+        rows = count_table(split)
+        print(f"\n{name} images ({val_source if name == 'validation' else train_dir}):")
+        print(format_table(["folder", "real", "fake"], rows))
+        real, fake = rows[-1][1], rows[-1][2]
+        if real == 0 or fake == 0:
+            missing = "real (0_real/real/nature)" if real == 0 else "fake (1_fake/fake/ai)"
+            raise UserError(f"The {name} set has no {missing} images; a detector needs both classes. "
+                            f"Add a folder of {missing.split(' ')[0]} images next to the other one.")
+    return train_items, val_items
+
+
+# --- the demo's generated data ---------------------------------------------------------
+
+def _natural_image(rng, size):
+    """A 'photo': 1/f^2 power spectrum (natural-image statistics), mixed colours, sensor noise."""
+    frequency_y = np.fft.fftfreq(size)[:, None]
+    frequency_x = np.fft.fftfreq(size)[None, :]
+    radius = np.sqrt(frequency_x ** 2 + frequency_y ** 2)
+    radius[0, 0] = 1.0 / size
+    channels = []
+    for _ in range(3):
+        phase = rng.uniform(0, 2 * np.pi, (size, size))
+        spectrum = (1.0 / radius ** rng.uniform(0.9, 1.1)) * np.exp(1j * phase)
+        channels.append(np.real(np.fft.ifft2(spectrum)))
+    image = np.stack(channels, axis=-1)
+    image = image @ rng.uniform(0.2, 1.0, (3, 3))  # correlated colour channels, as in photos
+    image = (image - image.mean()) / (image.std() + 1e-8)
+    return image * rng.uniform(35, 60) + rng.uniform(90, 160, size=3)
+
+
+def _upsample(image, method, rng):
+    """2x upsampling as generators do it, each leaving its own periodic trace."""
+    if method == "nearest":
+        return image.repeat(2, axis=0).repeat(2, axis=1)
+    if method == "bilinear":
+        pil = [Image.fromarray(np.clip(image[..., c], 0, 255).astype(np.float32), mode="F") for c in range(3)]
+        size = (image.shape[1] * 2, image.shape[0] * 2)
+        return np.stack([np.asarray(p.resize(size, Image.BILINEAR)) for p in pil], axis=-1)
+    # transposed convolution: zero insertion then a fixed 3x3 kernel -> checkerboard artefacts
+    height, width, _ = image.shape
+    zero_filled = np.zeros((height * 2, width * 2, 3))
+    zero_filled[::2, ::2] = image * 4
+    kernel = np.array([[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]]) * rng.uniform(0.8, 1.2)
+    padded = np.pad(zero_filled, ((1, 1), (1, 1), (0, 0)), mode="reflect")
+    out = np.zeros_like(zero_filled)
+    for dy in range(3):
+        for dx in range(3):
+            out += kernel[dy, dx] * padded[dy:dy + height * 2, dx:dx + width * 2]
+    return out / 4
+
+
+def make_demo_image(rng, fake, method="bilinear", size=256):
+    """uint8 [size,size,3]: real = full-resolution natural image; fake = half resolution, upsampled."""
+    if not fake:
+        image = _natural_image(rng, size) + rng.normal(0, 3.0, (size, size, 3))
+    else:
+        image = _upsample(_natural_image(rng, size // 2) + rng.normal(0, 3.0, (size // 2, size // 2, 3)), method, rng)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+DEMO_LAYOUT = {  # split -> generator folder -> images per class
+    "train": {"nearest": 80, "bilinear": 80},
+    "val": {"nearest": 30, "bilinear": 30},
+    "test": {"nearest": 30, "bilinear": 30, "transposed_conv": 30},
+}
+
+
+def make_demo_dataset(root, seed=0):
+    """Write data/demo/{train,val,test}/<generator>/{0_real,1_fake}/*.png once (a marker file says it's complete)."""
+    root = Path(root)
+    marker = root / ".complete"
+    if marker.exists():
+        return
+    print(f"Generating the demo dataset in {root}/ ...")
+    rng = np.random.default_rng(seed)
+    for split, generators in DEMO_LAYOUT.items():
+        for generator, count in generators.items():
+            for label_folder, fake in (("0_real", False), ("1_fake", True)):
+                folder = root / split / generator / label_folder
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(count):
+                    Image.fromarray(make_demo_image(rng, fake, generator)).save(folder / f"{i:04d}.png")
+    marker.write_text("generated by rine_plus_ssca.py --demo\n")
+
+
+def make_tiny_backbone(folder, seed=0):
+    """A randomly initialised CLIP-architecture vision tower (4 blocks, width 64), saved like a real one."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=224, patch_size=32, projection_dim=64)
+    CLIPVisionModel(config).save_pretrained(folder)
+    return folder
+
+
+# =====================================================================================
+# Evaluation
+# =====================================================================================
+
+def binary_metrics(labels, probs, threshold=0.5):
+    """Accuracy at threshold, real/fake accuracy, AP and ROC AUC (scikit-learn), counts."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    predicted_fake = probs >= threshold
+    is_real, is_fake = labels == 0, labels == 1
+    both_classes = is_real.any() and is_fake.any()
+    return {
+        "n_real": int(is_real.sum()),
+        "n_fake": int(is_fake.sum()),
+        "acc": float((predicted_fake == is_fake).mean()) if len(labels) else float("nan"),
+        "real_acc": float((~predicted_fake[is_real]).mean()) if is_real.any() else float("nan"),
+        "fake_acc": float(predicted_fake[is_fake].mean()) if is_fake.any() else float("nan"),
+        "ap": float(average_precision_score(labels, probs)) if both_classes else float("nan"),
+        "auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
+    }
+
+
+@torch.inference_mode()
+def score_loader(model, loader, device, amp_dtype):
+    """Run the model over a loader: (indices, labels, P(fake), summed BCE, n_skipped)."""
+    model.eval()
+    all_indices, all_labels, all_probs = [], [], []
+    bce_total, n_skipped = torch.zeros((), device=device), 0
+    for pixels, labels, indices, skipped in loader:
+        n_skipped += skipped
+        if pixels is None:
+            continue
+        pixels = pixels.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, _ = model(pixels)
+        bce_total += bce_loss_sum(logits, labels)
+        all_indices.append(indices)
+        all_labels.append(labels.cpu())
+        all_probs.append(torch.sigmoid(logits.float()).cpu())
+    if not all_probs:
+        return np.zeros(0, int), np.zeros(0), np.zeros(0), 0.0, n_skipped
+    return (torch.cat(all_indices).numpy(), torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy(),
+            float(bce_total.item()), n_skipped)
+
+
+def format_table(columns, rows):
+    """Plain-text table; floats with 4 decimals."""
+    def cell(value):
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else f"{value:.4f}"
+        return str(value)
+    text_rows = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(str(c)), *(len(r[i]) for r in text_rows)) if text_rows else len(str(c)) for i, c in enumerate(columns)]
+    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in text_rows:
+        lines.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+METRIC_COLUMNS = ["n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap", "auc"]
+
+
+def per_generator_rows(items, labels, probs, threshold):
+    """One metrics row per generator (first folder under the test root) plus the mean row."""
+    generators = np.array([generator_of(item[2]) for item in items])
+    rows = []
+    for generator in sorted(set(generators)):
+        chosen = generators == generator
+        metrics = binary_metrics(labels[chosen], probs[chosen], threshold)
+        rows.append([generator] + [metrics[c] for c in METRIC_COLUMNS])
+    if rows:
+        means = [sum(r[1] for r in rows), sum(r[2] for r in rows)]
+        means += [float(np.nanmean([r[i] for r in rows])) for i in range(3, len(METRIC_COLUMNS) + 1)]
+        rows.append(["mean"] + means)
+    return rows
+
+
+def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, device=None):
+    """Score every labelled image under data_dir; returns (table rows, items, labels, probs)."""
+    device = device or next(model.parameters()).device
+    cfg = SimpleNamespace(**model.config)
+    cfg.BATCH_SIZE, cfg.NUM_WORKERS = batch_size, num_workers
+    threshold = cfg.THRESHOLD if threshold is None else threshold
+    if not Path(data_dir).is_dir():
+        raise UserError(f"No folder {data_dir}; give --data a folder holding <generator>/0_real|1_fake (or real|fake, nature|ai).")
+    items, _ = scan_image_folder(data_dir)
+    if not items:
+        raise UserError(f"No labelled images under {data_dir}; labels come from folders named 0_real/real/nature and 1_fake/fake/ai.")
+    loader = make_loader(items, cfg, train=False, device=device)
+    indices, labels, probs, _, n_skipped = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
+    kept = [items[i] for i in indices]
+    if n_skipped:
+        print(f"warning: {n_skipped} unreadable images were skipped")
+    return per_generator_rows(kept, labels, probs, threshold), kept, labels, probs
+
+
+# =====================================================================================
+# Checkpoints: small, plain, loadable with weights_only=True
+# =====================================================================================
+
+def make_checkpoint(model, epoch, metrics, history):
+    """Config, trainable weights, metrics and versions: tensors and plain Python values only."""
+    import transformers
+    import torchvision
+
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": plain_values(model.config),
+        "backbone_config": plain_values(model.backbone.backbone_config),
+        "model": model.trainable_state_dict(),
+        "epoch": epoch,
+        "metrics": plain_values(metrics),
+        "history": plain_values(history),
+        "versions": plain_values({"torch": torch.__version__, "torchvision": torchvision.__version__,
+                                  "transformers": transformers.__version__}),
+    }
+
+
+def plain_values(value):
+    """Builtin dict/list/str/int/float/bool/None only, which torch.load(weights_only=True) accepts.
+
+    Subclasses (torch's version string, NumPy scalars) become their builtin type; anything
+    else (a dtype in a HuggingFace config, say) is dropped.
+    """
+    if isinstance(value, dict):
+        kept = {str(k): plain_values(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v is not _DROPPED}
+    if isinstance(value, (list, tuple)):
+        return [v for v in (plain_values(v) for v in value) if v is not _DROPPED]
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return _DROPPED
+
+
+_DROPPED = object()
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True (never unpickles code), with friendly errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"No checkpoint at {path}; train first (python rine_plus_ssca.py) or pass --ckpt with the right path.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"{path} is not a checkpoint this script can load safely ({type(error).__name__}); "
+                        "only files written by rine_plus_ssca.py are accepted.") from error
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise UserError(f"{path} is not a rine_plus_ssca checkpoint (no 'model'/'config' entries).")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {checkpoint.get('format')!r}; this script reads format "
+                        f"{CHECKPOINT_FORMAT}. Use the script version that wrote it.")
+    return checkpoint
+
+
+def resolve_backbone_location(clip_model, checkpoint_path):
+    """A relative backbone folder is looked for as given, then next to the checkpoint."""
+    if Path(clip_model).exists() or checkpoint_path is None:
+        return clip_model
+    beside = Path(checkpoint_path).parent / Path(clip_model).name
+    return str(beside) if beside.exists() else clip_model
+
+
+def load_detector(path, clip_model=None, device=None):
+    """Rebuild the model from a checkpoint; returns it in eval mode on `device` (default: GPU if any).
+
+    clip_model overrides where the backbone is loaded from (e.g. a local copy of ViT-L/14).
+    """
+    checkpoint = read_checkpoint(path)
+    cfg = default_config()
+    cfg.__dict__.update({k: v for k, v in checkpoint["config"].items() if k in CONFIG_NAMES})
+    cfg.CLIP_MODEL = clip_model or resolve_backbone_location(cfg.CLIP_MODEL, path)
+    device = resolve_device(device or "auto")
+    model = build_model(cfg, device)
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise UserError(f"{path} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                        "it was written by another architecture or script version.")
+    model.checkpoint_metrics = checkpoint.get("metrics", {})
+    return model.eval()
+
+
+@torch.inference_mode()
+def predict(model, images, batch_size=32):
+    """P(fake) per image as a NumPy array. images: a path, a PIL image, or a list of them."""
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    cfg = SimpleNamespace(**model.config)
+    transform = build_transform(cfg, train=False)
+    device = next(model.parameters()).device
+    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
+    model.eval()
+    probabilities = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(load_rgb(image)) for image in images[start:start + batch_size]]).to(device)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, _ = model(pixels)
+        probabilities.append(torch.sigmoid(logits.float()).cpu())
+    return torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
+
+
+# =====================================================================================
+# Training
+# =====================================================================================
+
+def build_model(cfg, device):
+    """The detector on `device`, frozen backbone cast once to the autocast dtype on GPUs."""
+    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
+    backbone_dtype = amp_dtype if device.type == "cuda" else None
+    return RINEPlusSSCA(cfg, backbone_dtype).to(device)
+
+
+def validate_config(cfg):
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}.")
+    positive = ["EPOCHS", "BATCH_SIZE", "PROJ_DIM", "NPROJ", "SPEC_CHANNELS", "FUSION_DIM", "FUSION_HEADS", "LOG_EVERY"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)}).")
+    if cfg.FUSION_DIM % cfg.FUSION_HEADS:
+        raise UserError(f"FUSION_HEADS={cfg.FUSION_HEADS} must divide FUSION_DIM={cfg.FUSION_DIM}.")
+    if cfg.LR <= 0 or cfg.XI < 0 or not 0 <= cfg.DROPOUT < 1 or not 0 < cfg.VAL_FRACTION < 1:
+        raise UserError("Need LR > 0, XI >= 0, 0 <= DROPOUT < 1 and 0 < VAL_FRACTION < 1.")
+    if cfg.CROP_SIZE % 8:
+        raise UserError(f"CROP_SIZE={cfg.CROP_SIZE} must be a multiple of 8 (the DCT works on 8x8 blocks).")
+
+
+def print_block_importance(model, top=5):
+    weights = model.block_importance()
+    order = torch.argsort(weights, descending=True)[:top]
+    ranked = ", ".join(f"block {model.backbone.blocks[i]}: {weights[i]:.3f}" for i in order.tolist())
+    print(f"TIE block importance (top {min(top, len(weights))}): {ranked}")
+
+
+def is_better(metric_name, metrics, best):
+    """Is this epoch better than `best` (the best epoch's metrics)? Ties go to the lower validation loss."""
+    key = "val_bce" if metric_name == "loss" else metric_name
+    value = metrics[key]
+    if best is None or math.isnan(best[key]):
+        return not math.isnan(value)
+    if value == best[key]:
+        return metrics["val_bce"] < best["val_bce"]
+    return value < best[key] if metric_name == "loss" else value > best[key]
+
+
+def train(cfg):
+    """Train with the configuration; returns the path of the best checkpoint."""
+    from tqdm import tqdm
+
+    validate_config(cfg)
+    seed_everything(cfg.SEED)
+    device = resolve_device(cfg.DEVICE)
+    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    train_items, val_items = prepare_splits(cfg)
+    model = build_model(cfg, device)
+    counts = trainable_parameter_counts(model)
+    print(f"\nmodel: {sum(counts.values()):,} trainable parameters ("
+          + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + "); backbone frozen")
+    print(f"device: {device}, mixed precision: {amp_dtype or 'off'}, batch size {cfg.BATCH_SIZE}, {cfg.EPOCHS} epoch(s)\n")
+
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.LR, weight_decay=cfg.WEIGHT_DECAY)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    train_loader = make_loader(train_items, cfg, train=True, device=device, seed=cfg.SEED)
+    val_loader = make_loader(val_items, cfg, train=False, device=device)
+    checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
+    history, best_metrics, best_path = [], None, checkpoint_dir / BEST_NAME
+
+    for epoch in range(1, cfg.EPOCHS + 1):
+        model.train()
+        started = time.time()
+        sums = torch.zeros(3, device=device)  # bce, supcon, images; summed on the device, read at log steps
+        n_skipped = 0
+        progress = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", leave=False, dynamic_ncols=True)
+        for step, (pixels, labels, _, skipped) in enumerate(progress, start=1):
+            n_skipped += skipped
+            if pixels is None:
+                continue
+            pixels = pixels.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits, features = model(pixels)
+            bce = bce_loss_sum(logits, labels)
+            supcon = supervised_contrastive_loss(features, labels, cfg.SUPCON_TEMPERATURE) if cfg.XI > 0 else bce * 0
+            loss = bce + cfg.XI * supcon
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sums += torch.stack([bce.detach(), supcon.detach() * len(labels), torch.tensor(float(len(labels)), device=device)])
+            if step % cfg.LOG_EVERY == 0:
+                bce_avg, supcon_avg = (sums[:2] / sums[2]).tolist()
+                if not math.isfinite(bce_avg + supcon_avg):
+                    raise UserError(f"The loss became non-finite at epoch {epoch}, step {step}; lower LR "
+                                    f"(now {cfg.LR}) or try --amp off. The last good checkpoint is kept.")
+                progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
+        progress.close()
+        n_images = max(sums[2].item(), 1.0)
+        train_bce, train_supcon = sums[0].item() / n_images, sums[1].item() / n_images
+
+        indices, labels, probs, val_bce_sum, val_skipped = score_loader(model, val_loader, device, amp_dtype)
+        metrics = binary_metrics(labels, probs, cfg.THRESHOLD)
+        metrics.update(epoch=epoch, train_bce=train_bce, train_supcon=train_supcon,
+                       val_bce=val_bce_sum / max(len(labels), 1), seconds=time.time() - started,
+                       skipped_train=n_skipped, skipped_val=val_skipped)
+        history.append(metrics)
+        if n_skipped or val_skipped:
+            print(f"epoch {epoch}: skipped {n_skipped} unreadable training and {val_skipped} validation images")
+        checkpoint = make_checkpoint(model, epoch, metrics, history)
+        atomic_torch_save(checkpoint, checkpoint_dir / LAST_NAME)
+        marker = ""
+        if is_better(cfg.SELECT_METRIC, metrics, best_metrics):
+            best_metrics = metrics
+            atomic_torch_save(checkpoint, best_path)
+            marker = f"  <- best {cfg.SELECT_METRIC}, saved {best_path}"
+        print(f"epoch {epoch}: train bce {train_bce:.4f} supcon {train_supcon:.4f} | val bce {metrics['val_bce']:.4f} "
+              f"acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} auc {metrics['auc']:.4f} ({metrics['seconds']:.0f} s){marker}")
+    print()
+    print_block_importance(model)
+    print(f"\nvalidation, every epoch (train losses per image; best by {cfg.SELECT_METRIC} saved to {best_path}):")
+    print(format_table(HISTORY_COLUMNS, [history_row(m) for m in history]))
+    return best_path
+
+
+HISTORY_COLUMNS = ["epoch", "train_bce", "train_supcon", "val_bce", "acc", "ap", "auc", "real_acc", "fake_acc", "seconds"]
+
+
+def history_row(metrics):
+    return [metrics["epoch"]] + [float(metrics[c]) for c in HISTORY_COLUMNS[1:]]
+
+
+# =====================================================================================
+# Command line
+# =====================================================================================
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line and suggests the option meant."""
+
+    def error(self, message):
+        match = re.search(r"unrecognized arguments: (\S+)", message)
+        if match:
+            options = [o for action in self._actions for o in action.option_strings]
+            close = difflib.get_close_matches(match.group(1).split("=")[0], options, n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        print(f"{self.prog}: error: {message}. Run with --help to see the options.", file=sys.stderr)
+        sys.exit(2)
+
+
+def option_name(constant):
+    return "--" + constant.lower().replace("_", "-")
+
+
+def constant_help():
+    """The comment after each constant at the top of this file, used as its --help text."""
+    helps = {}
+    for line in Path(__file__).read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", line)
+        if match:
+            helps[match.group(1)] = match.group(2)
+    return helps
+
+
+def build_train_parser():
+    parser = OneLineErrorParser(
+        prog="rine_plus_ssca.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        description="Train RINE+SSCA (default), or run a command: eval. Every constant at the top of the file is an option.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="offline demo: generated data, tiny random backbone")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    helps = constant_help()
+    config = default_config()
+    for name in CONFIG_NAMES:
+        default = getattr(config, name)
+        text = f"{helps.get(name, '')} (default: {default!r})".replace("%", "%%")
+        if isinstance(default, bool):
+            parser.add_argument(option_name(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(option_name(name), dest=name, type=type(default), choices=CHOICES.get(name),
+                                metavar=name, help=text)
+    parser.formatter_class = argparse.HelpFormatter  # defaults are already in the text
+    return parser
+
+
+def build_eval_parser():
+    parser = OneLineErrorParser(prog="rine_plus_ssca.py eval", allow_abbrev=False,
+                                description="Evaluate a checkpoint per generator folder.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth)")
+    parser.add_argument("--data", required=True, help="folder holding <generator>/.../0_real|1_fake (or real|fake, nature|ai)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--threshold", type=float, default=None, help="P(fake) threshold (default: the checkpoint's THRESHOLD)")
+    parser.add_argument("--clip-model", default=None, help="load the backbone from here instead of the checkpoint's CLIP_MODEL")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def run_eval(args):
+    model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
+    rows, _, _, _ = evaluate_folder(model, args.data, args.batch_size, args.num_workers, args.threshold)
+    print(f"\n{args.data} with {args.ckpt}:")
+    print(format_table(["generator"] + METRIC_COLUMNS, rows))
+    print_block_importance(model)
+    return rows
+
+
+def run_demo(cfg):
+    started = time.time()
+    print("DEMO: generated images and a tiny, randomly initialised CLIP-shaped backbone, all offline.\n"
+          "It proves the pipeline runs end to end; it says nothing about how well the detector works on real images.\n")
+    make_demo_dataset(Path(cfg.DATA_DIR), seed=cfg.SEED)
+    if cfg.CLIP_MODEL == DEMO_OVERRIDES["CLIP_MODEL"]:
+        make_tiny_backbone(cfg.CLIP_MODEL, seed=cfg.SEED)
+    best_path = train(cfg)
+    model = load_detector(best_path, device=cfg.DEVICE)
+    test_dir = Path(cfg.DATA_DIR) / "test"
+    if test_dir.is_dir():
+        rows, _, _, _ = evaluate_folder(model, test_dir, cfg.BATCH_SIZE, cfg.NUM_WORKERS)
+        print(f"\ntest set {test_dir} ('transposed_conv' is a generator not seen in training):")
+        print(format_table(["generator"] + METRIC_COLUMNS, rows))
+    print(f"\nDemo finished in {time.time() - started:.0f} s; checkpoint: {best_path}\n"
+          "This was the pipeline on toy data, not a trained detector. Real training needs real and generated images\n"
+          "(e.g. ForenSynths/CNNDetection or GenImage under data/train) and the real CLIP ViT-L/14 backbone\n"
+          "(downloaded once, or a local folder in CLIP_MODEL), ideally on a GPU: see README.md.")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] == "eval":
+            run_eval(build_eval_parser().parse_args(argv[1:]))
+            return 0
+        given = vars(build_train_parser().parse_args(argv))
+        demo = given.pop("demo", False)
+        given.pop("debug", None)
+        cfg = default_config()
+        if demo:
+            cfg.__dict__.update(DEMO_OVERRIDES)
+        cfg.__dict__.update(given)
+        validate_config(cfg)
+        run_demo(cfg) if demo else train(cfg)
+        return 0
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
