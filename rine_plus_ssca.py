@@ -638,6 +638,14 @@ def load_rgb(source):
     return image.convert("RGB")
 
 
+def jpeg_reencode(image, quality):
+    """Save as JPEG at `quality` (1-100) and decode again."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
 class RandomBlurJPEG:
     """Gaussian blur (p, sigma~U[0,max]) then JPEG re-encoding (p, quality~U{min..100}), as CNNDetection/RINE."""
 
@@ -651,27 +659,71 @@ class RandomBlurJPEG:
             if sigma > 0:
                 image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
         if torch.rand(1).item() < self.jpeg_prob:
-            quality = int(torch.randint(self.jpeg_quality_min, 101, (1,)).item())
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=quality)
-            buffer.seek(0)
-            image = Image.open(buffer).convert("RGB")
+            image = jpeg_reencode(image, torch.randint(self.jpeg_quality_min, 101, (1,)).item())
         return image
 
 
-def build_transform(cfg, train):
-    """PIL image -> normalised tensor [3,CROP,CROP]. Train: blur/JPEG, random crop, flip. Test: centre crop."""
+class FixedPerturbation:
+    """The same blur (sigma) and/or JPEG (quality) for every image: robustness tests, no randomness."""
+
+    def __init__(self, jpeg_quality=None, blur_sigma=None):
+        self.jpeg_quality, self.blur_sigma = jpeg_quality, blur_sigma
+
+    def __call__(self, image):
+        if self.blur_sigma:
+            image = image.filter(ImageFilter.GaussianBlur(radius=self.blur_sigma))
+        if self.jpeg_quality is not None:
+            image = jpeg_reencode(image, self.jpeg_quality)
+        return image
+
+
+class PadToAtLeast:
+    """Zero-pad (centred) so both sides are at least `size`; larger images are left alone."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        from torchvision.transforms import functional as TF
+
+        pad_w, pad_h = max(0, self.size - image.width), max(0, self.size - image.height)
+        if pad_w or pad_h:
+            image = TF.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2])
+        return image
+
+
+class StackCrops:
+    """TenCrop's tuple of PIL crops -> normalised tensor [10,3,H,W]."""
+
+    def __init__(self, to_tensor):
+        self.to_tensor = to_tensor
+
+    def __call__(self, crops):
+        return torch.stack([self.to_tensor(crop) for crop in crops])
+
+
+def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=False):
+    """PIL image -> normalised tensor [3,CROP,CROP] ([10,3,CROP,CROP] with tencrop).
+
+    Train: random blur/JPEG, random crop, flip. Test: optional fixed perturbation, then a
+    centre crop (or the ten crops RINE averages over for large images). Never a resize.
+    """
     from torchvision import transforms
 
-    normalise = [transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)]
-    if not train:
-        # CenterCrop pads smaller images with zeros, so any size works.
-        return transforms.Compose([transforms.CenterCrop(cfg.CROP_SIZE)] + normalise)
-    return transforms.Compose([
-        RandomBlurJPEG(cfg.BLUR_PROB, cfg.BLUR_SIGMA_MAX, cfg.JPEG_PROB, cfg.JPEG_QUALITY_MIN),
-        transforms.RandomCrop(cfg.CROP_SIZE, pad_if_needed=True),
-        transforms.RandomHorizontalFlip(),
-    ] + normalise)
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    if train:
+        return transforms.Compose([
+            RandomBlurJPEG(cfg.BLUR_PROB, cfg.BLUR_SIGMA_MAX, cfg.JPEG_PROB, cfg.JPEG_QUALITY_MIN),
+            transforms.RandomCrop(cfg.CROP_SIZE, pad_if_needed=True),
+            transforms.RandomHorizontalFlip(),
+            to_tensor,
+        ])
+    steps = [FixedPerturbation(jpeg_quality, blur_sigma)] if (jpeg_quality is not None or blur_sigma) else []
+    if tencrop:
+        steps += [PadToAtLeast(cfg.CROP_SIZE), transforms.TenCrop(cfg.CROP_SIZE), StackCrops(to_tensor)]
+    else:
+        steps += [transforms.CenterCrop(cfg.CROP_SIZE), to_tensor]  # CenterCrop pads smaller images with zeros
+    return transforms.Compose(steps)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -709,8 +761,9 @@ def collate_skipping_bad(batch):
     return pixels, labels, indices, n_skipped
 
 
-def make_loader(items, cfg, train, device, seed=0):
-    dataset = ImageDataset(items, build_transform(cfg, train))
+def make_loader(items, cfg, train, device, seed=0, transform=None):
+    """DataLoader over (path, label, group) items; `transform` defaults to the train or test one."""
+    dataset = ImageDataset(items, transform or build_transform(cfg, train))
     workers = max(0, min(cfg.NUM_WORKERS, os.cpu_count() or 1))
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
@@ -854,23 +907,48 @@ def make_tiny_backbone(folder, seed=0):
 # =====================================================================================
 
 def binary_metrics(labels, probs, threshold=0.5):
-    """Accuracy at threshold, real/fake accuracy, AP and ROC AUC (scikit-learn), counts."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    """Accuracy at threshold, real/fake accuracy, best-threshold (oracle) accuracy, AP and ROC AUC."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     predicted_fake = probs >= threshold
     is_real, is_fake = labels == 0, labels == 1
     both_classes = is_real.any() and is_fake.any()
+    best_acc = float("nan")
+    if both_classes:
+        # Accuracy at every ROC threshold: (TPR * n_fake + (1 - FPR) * n_real) / n.
+        fpr, tpr, _ = roc_curve(labels, probs)
+        best_acc = float(np.max(tpr * is_fake.sum() + (1 - fpr) * is_real.sum()) / len(labels))
     return {
         "n_real": int(is_real.sum()),
         "n_fake": int(is_fake.sum()),
         "acc": float((predicted_fake == is_fake).mean()) if len(labels) else float("nan"),
         "real_acc": float((~predicted_fake[is_real]).mean()) if is_real.any() else float("nan"),
         "fake_acc": float(predicted_fake[is_fake].mean()) if is_fake.any() else float("nan"),
+        "best_acc": best_acc,
         "ap": float(average_precision_score(labels, probs)) if both_classes else float("nan"),
         "auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
     }
+
+
+def threshold_for_fpr(real_probs, target_fpr):
+    """The lowest threshold calling at most target_fpr of these real images fake (rule: P >= t is fake)."""
+    descending = np.sort(np.asarray(real_probs, dtype=np.float64))[::-1]
+    allowed = int(math.floor(target_fpr * len(descending)))
+    if allowed >= len(descending):
+        return 0.0
+    return float(np.nextafter(descending[allowed], np.inf))
+
+
+def model_probabilities(model, pixels):
+    """P(fake) for [B,3,H,W], or the mean over crops for [B,n_crops,3,H,W] (TenCrop)."""
+    if pixels.dim() == 5:
+        batch, crops = pixels.shape[:2]
+        logits, _ = model(pixels.flatten(0, 1))
+        return torch.sigmoid(logits.float()).view(batch, crops).mean(dim=1)
+    logits, _ = model(pixels)
+    return torch.sigmoid(logits.float())
 
 
 @torch.inference_mode()
@@ -886,11 +964,11 @@ def score_loader(model, loader, device, amp_dtype):
         pixels = pixels.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, _ = model(pixels)
-        bce_total += bce_loss_sum(logits, labels)
+            probs = model_probabilities(model, pixels)
+        bce_total += F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels, reduction="sum")
         all_indices.append(indices)
         all_labels.append(labels.cpu())
-        all_probs.append(torch.sigmoid(logits.float()).cpu())
+        all_probs.append(probs.cpu())
     if not all_probs:
         return np.zeros(0, int), np.zeros(0), np.zeros(0), 0.0, n_skipped
     return (torch.cat(all_indices).numpy(), torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy(),
@@ -899,12 +977,8 @@ def score_loader(model, loader, device, amp_dtype):
 
 def format_table(columns, rows):
     """Plain-text table; floats with 4 decimals."""
-    def cell(value):
-        if isinstance(value, float):
-            return "nan" if math.isnan(value) else f"{value:.4f}"
-        return str(value)
-    text_rows = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(str(c)), *(len(r[i]) for r in text_rows)) if text_rows else len(str(c)) for i, c in enumerate(columns)]
+    text_rows = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(str(c))] + [len(r[i]) for r in text_rows]) for i, c in enumerate(columns)]
     lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
     lines.append("  ".join("-" * w for w in widths))
     for row in text_rows:
@@ -912,41 +986,192 @@ def format_table(columns, rows):
     return "\n".join(lines)
 
 
-METRIC_COLUMNS = ["n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap", "auc"]
+def format_markdown_table(columns, rows):
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
-def per_generator_rows(items, labels, probs, threshold):
-    """One metrics row per generator (first folder under the test root) plus the mean row."""
+def _cell(value):
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+METRIC_COLUMNS = ["n_real", "n_fake", "acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "skipped"]
+
+
+def per_generator_rows(items, labels, probs, threshold, skipped_per_generator=None):
+    """One metrics row per generator (first folder under the test root) plus the mean row.
+
+    Counts are summed in the mean row; metrics are averaged over generators, as papers do.
+    """
+    skipped_per_generator = skipped_per_generator or {}
     generators = np.array([generator_of(item[2]) for item in items])
     rows = []
-    for generator in sorted(set(generators)):
+    for generator in sorted(set(generators) | set(skipped_per_generator)):
         chosen = generators == generator
         metrics = binary_metrics(labels[chosen], probs[chosen], threshold)
+        metrics["skipped"] = skipped_per_generator.get(generator, 0)
         rows.append([generator] + [metrics[c] for c in METRIC_COLUMNS])
     if rows:
-        means = [sum(r[1] for r in rows), sum(r[2] for r in rows)]
-        means += [float(np.nanmean([r[i] for r in rows])) for i in range(3, len(METRIC_COLUMNS) + 1)]
-        rows.append(["mean"] + means)
+        counts = [sum(r[i] for r in rows) for i in (1, 2)]
+        means = [float(np.nanmean([r[i] for r in rows])) if any(not math.isnan(r[i]) for r in rows) else float("nan")
+                 for i in range(3, len(METRIC_COLUMNS))]
+        rows.append(["mean"] + counts + means + [sum(r[-1] for r in rows)])
     return rows
 
 
-def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, device=None):
-    """Score every labelled image under data_dir; returns (table rows, items, labels, probs)."""
-    device = device or next(model.parameters()).device
-    cfg = SimpleNamespace(**model.config)
-    cfg.BATCH_SIZE, cfg.NUM_WORKERS = batch_size, num_workers
-    threshold = cfg.THRESHOLD if threshold is None else threshold
-    if not Path(data_dir).is_dir():
+def collect_test_items(data_dir, real_dir=None, max_per_class=None, seed=0):
+    """Labelled (path, label, generator) items under data_dir, ready for per-generator tables.
+
+    real_dir: a shared folder of real images (UniversalFakeDetect's diffusion sets keep one
+    real set for many fake-only generators); its images are added to every generator that
+    has no real images of its own. max_per_class: a seeded sample of at most N per class
+    and generator.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
         raise UserError(f"No folder {data_dir}; give --data a folder holding <generator>/0_real|1_fake (or real|fake, nature|ai).")
-    items, _ = scan_image_folder(data_dir)
+    items, unlabeled = scan_image_folder(data_dir)
+    items = [(path, label, generator_of(group)) for path, label, group in items]
+    if real_dir is not None:
+        real_dir = Path(real_dir)
+        if not real_dir.is_dir():
+            raise UserError(f"No folder {real_dir} for --real-dir; give the folder of real images shared by the fake-only generators.")
+        labelled_reals, unlabeled_reals = scan_image_folder(real_dir)
+        real_paths = [path for path, label, _ in labelled_reals if label == 0] + unlabeled_reals
+        inside = os.path.abspath(real_dir) + os.sep
+        items = [item for item in items if not os.path.abspath(item[0]).startswith(inside)]
+        fake_only = sorted({g for _, _, g in items} - {g for _, label, g in items if label == 0})
+        items += [(path, 0, generator) for generator in fake_only for path in real_paths]
+    elif unlabeled:
+        print(f"note: {len(unlabeled)} images under {data_dir} are in no real/fake folder and are ignored, e.g. {unlabeled[0]}")
+    if max_per_class:
+        rng = random.Random(seed)
+        sampled = []
+        for key in sorted({(g, label) for _, label, g in items}):
+            members = [item for item in items if (item[2], item[1]) == key]
+            sampled += members if len(members) <= max_per_class else rng.sample(members, max_per_class)
+        items = sampled
     if not items:
         raise UserError(f"No labelled images under {data_dir}; labels come from folders named 0_real/real/nature and 1_fake/fake/ai.")
-    loader = make_loader(items, cfg, train=False, device=device)
-    indices, labels, probs, _, n_skipped = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
-    kept = [items[i] for i in indices]
-    if n_skipped:
-        print(f"warning: {n_skipped} unreadable images were skipped")
-    return per_generator_rows(kept, labels, probs, threshold), kept, labels, probs
+    return items
+
+
+def score_items(model, items, batch_size=64, num_workers=4, tencrop=False, jpeg_quality=None, blur_sigma=None):
+    """P(fake) for each distinct path in items: (dict path -> probability, list of unreadable paths)."""
+    device = next(model.parameters()).device
+    cfg = SimpleNamespace(**model.config)
+    cfg.BATCH_SIZE, cfg.NUM_WORKERS = batch_size, num_workers
+    unique_paths = sorted({item[0] for item in items})
+    transform = build_transform(cfg, False, jpeg_quality, blur_sigma, tencrop)
+    loader = make_loader([(path, 0, "") for path in unique_paths], cfg, train=False, device=device, transform=transform)
+    indices, _, probs, _, _ = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
+    scores = {unique_paths[i]: float(p) for i, p in zip(indices, probs)}
+    return scores, [path for path in unique_paths if path not in scores]
+
+
+def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, device=None, real_dir=None,
+                    max_per_class=None, tencrop=False, jpeg_quality=None, blur_sigma=None, seed=0):
+    """Score every labelled image under data_dir; returns (table rows, items, labels, probs).
+
+    items/labels/probs are the scored images (unreadable ones are counted per generator in
+    the 'skipped' column and left out).
+    """
+    threshold = model.config["THRESHOLD"] if threshold is None else threshold
+    items = collect_test_items(data_dir, real_dir, max_per_class, seed)
+    scores, unreadable = score_items(model, items, batch_size, num_workers, tencrop, jpeg_quality, blur_sigma)
+    unreadable = set(unreadable)
+    skipped = {}
+    for path, _, generator in items:
+        if path in unreadable:
+            skipped[generator] = skipped.get(generator, 0) + 1
+    kept = [item for item in items if item[0] in scores]
+    labels = np.array([item[1] for item in kept], dtype=np.int64)
+    probs = np.array([scores[item[0]] for item in kept], dtype=np.float64)
+    if unreadable:
+        print(f"warning: {len(unreadable)} unreadable images were skipped, e.g. {sorted(unreadable)[0]}")
+    return per_generator_rows(kept, labels, probs, threshold, skipped), kept, labels, probs
+
+
+# =====================================================================================
+# Pictures (matplotlib, headless)
+# =====================================================================================
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(history, path):
+    """Loss terms and validation accuracy/AP per epoch."""
+    plt = _pyplot()
+    epochs = [m["epoch"] for m in history]
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_bce", "train BCE / image"), ("train_supcon", "train SupCon"), ("val_bce", "val BCE / image")):
+        loss_axis.plot(epochs, [m[key] for m in history], marker="o", label=label)
+    loss_axis.set(xlabel="epoch", ylabel="loss", title="losses")
+    loss_axis.legend()
+    for key in ("acc", "ap", "auc"):
+        metric_axis.plot(epochs, [m[key] for m in history], marker="o", label=f"val {key}")
+    metric_axis.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
+    metric_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_block_importance(model, path):
+    """TIE importance per block (softmax(alpha) averaged over channels), RINE's figure."""
+    plt = _pyplot()
+    weights = model.block_importance().numpy()
+    figure, axis = plt.subplots(figsize=(max(5, 0.35 * len(weights)), 3.5))
+    axis.bar([str(b) for b in model.backbone.blocks], weights)
+    axis.axhline(1.0 / len(weights), color="gray", linestyle="--", label="uniform")
+    axis.set(xlabel="CLIP block", ylabel="importance", title="TIE block importance")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_roc_pr(labels, probs, path):
+    """ROC and precision-recall curves over all scored images."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    plt = _pyplot()
+    figure, (roc_axis, pr_axis) = plt.subplots(1, 2, figsize=(9, 4))
+    if len(set(labels.tolist())) == 2:
+        fpr, tpr, _ = roc_curve(labels, probs)
+        precision, recall, _ = precision_recall_curve(labels, probs)
+        roc_axis.plot(fpr, tpr)
+        pr_axis.plot(recall, precision)
+    roc_axis.plot([0, 1], [0, 1], color="gray", linestyle="--")
+    roc_axis.set(xlabel="false positive rate (reals called fake)", ylabel="true positive rate", title="ROC")
+    pr_axis.set(xlabel="recall (fakes found)", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_robustness(kind, levels, mean_rows, clean_row, path):
+    """Mean accuracy and AP against the perturbation level, the clean result dashed."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    acc_index, ap_index = 1 + METRIC_COLUMNS.index("acc"), 1 + METRIC_COLUMNS.index("ap")
+    for index, name, color in ((acc_index, "accuracy", "C0"), (ap_index, "AP", "C1")):
+        axis.plot([str(level) for level in levels], [row[index] for row in mean_rows], marker="o", color=color, label=name)
+        axis.axhline(clean_row[index], color=color, linestyle="--", alpha=0.6, label=f"{name}, clean")
+    axis.set(xlabel="JPEG quality" if kind == "jpeg" else "blur sigma", ylim=(0, 1.02), title=f"robustness to {kind}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 # =====================================================================================
@@ -1043,12 +1268,16 @@ def load_detector(path, clip_model=None, device=None):
 
 
 @torch.inference_mode()
-def predict(model, images, batch_size=32):
-    """P(fake) per image as a NumPy array. images: a path, a PIL image, or a list of them."""
+def predict(model, images, batch_size=32, tencrop=False):
+    """P(fake) per image as a NumPy array [N]. images: a path, a PIL image, or a list of them.
+
+    Any size and mode: smaller images are padded, larger ones centre-cropped (or, with
+    tencrop=True, averaged over ten crops).
+    """
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     cfg = SimpleNamespace(**model.config)
-    transform = build_transform(cfg, train=False)
+    transform = build_transform(cfg, train=False, tencrop=tencrop)
     device = next(model.parameters()).device
     amp_dtype = resolve_amp_dtype(cfg.AMP, device)
     model.eval()
@@ -1056,8 +1285,7 @@ def predict(model, images, batch_size=32):
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([transform(load_rgb(image)) for image in images[start:start + batch_size]]).to(device)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, _ = model(pixels)
-        probabilities.append(torch.sigmoid(logits.float()).cpu())
+            probabilities.append(model_probabilities(model, pixels).cpu())
     return torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
 
 
@@ -1182,6 +1410,9 @@ def train(cfg):
               f"acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} auc {metrics['auc']:.4f} ({metrics['seconds']:.0f} s){marker}")
     print()
     print_block_importance(model)
+    plot_training_curves(history, checkpoint_dir / "training_curves.png")
+    plot_block_importance(model, checkpoint_dir / "tie_block_importance.png")
+    print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}")
     print(f"\nvalidation, every epoch (train losses per image; best by {cfg.SELECT_METRIC} saved to {best_path}):")
     print(format_table(HISTORY_COLUMNS, [history_row(m) for m in history]))
     return best_path
@@ -1229,7 +1460,7 @@ def constant_help():
 def build_train_parser():
     parser = OneLineErrorParser(
         prog="rine_plus_ssca.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
-        description="Train RINE+SSCA (default), or run a command: eval. Every constant at the top of the file is an option.",
+        description="Train RINE+SSCA (default), or run a command: eval, predict (see `rine_plus_ssca.py eval --help`). Every constant at the top of the file is an option.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="offline demo: generated data, tiny random backbone")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -1247,27 +1478,153 @@ def build_train_parser():
     return parser
 
 
-def build_eval_parser():
-    parser = OneLineErrorParser(prog="rine_plus_ssca.py eval", allow_abbrev=False,
-                                description="Evaluate a checkpoint per generator folder.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth)")
-    parser.add_argument("--data", required=True, help="folder holding <generator>/.../0_real|1_fake (or real|fake, nature|ai)")
+def add_model_options(parser):
+    """Options shared by the commands that load a checkpoint."""
+    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth) written by training")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--threshold", type=float, default=None, help="P(fake) threshold (default: the checkpoint's THRESHOLD)")
+    parser.add_argument("--threshold", type=float, default=None, help="P(fake) at or above which an image is fake (default: the checkpoint's THRESHOLD)")
+    parser.add_argument("--tencrop", action="store_true", help="average P(fake) over ten crops (RINE's test-time averaging for large images)")
     parser.add_argument("--clip-model", default=None, help="load the backbone from here instead of the checkpoint's CLIP_MODEL")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def number_list(kind):
+    """'95,75,50' -> [95, 75, 50] for argparse."""
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return parse
+
+
+def build_eval_parser():
+    parser = OneLineErrorParser(prog="rine_plus_ssca.py eval", allow_abbrev=False,
+                                description="Evaluate a checkpoint: one row per generator folder, plus a mean row.")
+    add_model_options(parser)
+    parser.add_argument("--data", required=True, help="folder holding <generator>/[<category>/]0_real|1_fake (or real|fake, nature|ai)")
+    parser.add_argument("--real-dir", default=None, help="shared real images for generator folders that hold only fakes")
+    parser.add_argument("--max-per-class", type=int, default=None, help="seeded sample of at most N images per class and generator")
+    parser.add_argument("--jpeg-quality", type=number_list(int), default=[], help="JPEG quality for every test image, or a sweep: 95,75,50,30")
+    parser.add_argument("--blur-sigma", type=number_list(float), default=[], help="Gaussian blur sigma for every test image, or a sweep: 1,2,3")
+    parser.add_argument("--target-fpr", type=float, default=None, help="also report the threshold giving this false-positive rate on reals, e.g. 0.05")
+    parser.add_argument("--out", default=None, help="folder for the CSV/Markdown tables and plots (default: next to the checkpoint)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-class sample")
+    return parser
+
+
+def build_predict_parser():
+    parser = OneLineErrorParser(prog="rine_plus_ssca.py predict", allow_abbrev=False,
+                                description="P(fake) and a verdict for each of your images.")
+    add_model_options(parser)
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--out", default=None, help="also write the results to this CSV file")
     return parser
 
 
 def run_eval(args):
+    """The eval command: per-generator tables (clean, then each perturbation level), CSV/Markdown, plots."""
+    import csv
+
     model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
-    rows, _, _, _ = evaluate_folder(model, args.data, args.batch_size, args.num_workers, args.threshold)
-    print(f"\n{args.data} with {args.ckpt}:")
-    print(format_table(["generator"] + METRIC_COLUMNS, rows))
+    threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold
+    out_dir = Path(args.out) if args.out else Path(args.ckpt).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "eval_" + (Path(args.data).resolve().name or "data")
+    conditions = [("clean", None)] + [("jpeg", q) for q in args.jpeg_quality] + [("blur", s) for s in args.blur_sigma]
+    columns = ["generator"] + METRIC_COLUMNS
+    csv_rows, markdown, mean_rows = [], [f"# {args.data} with {args.ckpt} (threshold {threshold})\n"], {}
+    for kind, level in conditions:
+        rows, _, labels, probs = evaluate_folder(
+            model, args.data, args.batch_size, args.num_workers, threshold, real_dir=args.real_dir,
+            max_per_class=args.max_per_class, tencrop=args.tencrop, seed=args.seed,
+            jpeg_quality=level if kind == "jpeg" else None, blur_sigma=level if kind == "blur" else None)
+        condition = "clean" if kind == "clean" else f"{kind} {'quality' if kind == 'jpeg' else 'sigma'} {level}"
+        print(f"\n{args.data} [{condition}], threshold {threshold}:")
+        print(format_table(columns, rows))
+        markdown += [f"\n## {condition}\n", format_markdown_table(columns, rows)]
+        csv_rows += [[condition] + row for row in rows]
+        mean_rows[(kind, level)] = rows[-1]
+        if kind == "clean":
+            plot_roc_pr(labels, probs, out_dir / f"{stem}_roc_pr.png")
+            if args.target_fpr is not None:
+                t = threshold_for_fpr(probs[labels == 0], args.target_fpr)
+                recall = float((probs[labels == 1] >= t).mean()) if (labels == 1).any() else float("nan")
+                line = (f"threshold for a false-positive rate of {args.target_fpr:g} on these real images: {t:.4f} "
+                        f"(fake recall there: {recall:.4f})")
+                print(line)
+                markdown.append(f"\n{line}\n")
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["condition"] + columns] + [[_cell(v) for v in row] for row in csv_rows])
+    (out_dir / f"{stem}.md").write_text("\n".join(markdown) + "\n")
+    written = [f"{stem}.csv", f"{stem}.md", f"{stem}_roc_pr.png"]
+    for kind in ("jpeg", "blur"):
+        levels = [level for k, level in conditions if k == kind]
+        if levels:
+            plot_robustness(kind, levels, [mean_rows[(kind, level)] for level in levels], mean_rows[("clean", None)],
+                            out_dir / f"{stem}_robustness_{kind}.png")
+            written.append(f"{stem}_robustness_{kind}.png")
+    print()
     print_block_importance(model)
-    return rows
+    plot_block_importance(model, out_dir / "tie_block_importance.png")
+    written.append("tie_block_importance.png")
+    print(f"wrote in {out_dir}: " + ", ".join(written))
+    return csv_rows
+
+
+def gather_images(inputs):
+    """Files named directly, plus image files found in folders: (files, missing inputs, other files in folders)."""
+    files, missing, others = [], [], 0
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_file():
+            files.append(str(path))
+        elif path.is_dir():
+            for found in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                if found.suffix.lower() in IMAGE_EXTENSIONS:
+                    files.append(str(found))
+                else:
+                    others += 1
+        else:
+            missing.append(entry)
+    return files, missing, others
+
+
+def run_predict(args):
+    """The predict command: one line per image, unreadable files reported and skipped."""
+    import csv
+
+    files, missing, others = gather_images(args.inputs)
+    for entry in missing:
+        print(f"not found, skipped: {entry}", file=sys.stderr)
+    if others:
+        print(f"note: {others} files without an image extension in the folders were not scored", file=sys.stderr)
+    if not files:
+        raise UserError("No image files to score; pass image files or folders that contain some.")
+    model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
+    threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold
+    scores, unreadable = score_items(model, [(f, 0, "") for f in files], args.batch_size, args.num_workers, args.tencrop)
+    results = []
+    print(f"{'P(fake)':>8}  verdict  image")
+    for path in files:
+        if path in scores:
+            verdict = "fake" if scores[path] >= threshold else "real"
+            print(f"{scores[path]:8.4f}  {verdict:7}  {path}")
+            results.append([path, f"{scores[path]:.6f}", verdict])
+        else:
+            print(f"{'-':>8}  {'skipped':7}  {path} (not a readable image)")
+            results.append([path, "", "unreadable"])
+    n_fake = sum(1 for r in results if r[2] == "fake")
+    print(f"\n{len(scores)} images scored ({n_fake} fake, {len(scores) - n_fake} real at threshold {threshold}); "
+          f"{len(set(unreadable))} unreadable skipped")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            csv.writer(f).writerows([["path", "p_fake", "verdict"]] + results)
+        print(f"wrote {args.out}")
+    return results
 
 
 def run_demo(cfg):
@@ -1290,12 +1647,16 @@ def run_demo(cfg):
           "(downloaded once, or a local folder in CLIP_MODEL), ideally on a GPU: see README.md.")
 
 
+COMMANDS = {"eval": (build_eval_parser, run_eval), "predict": (build_predict_parser, run_predict)}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        if argv and argv[0] == "eval":
-            run_eval(build_eval_parser().parse_args(argv[1:]))
+        if argv and argv[0] in COMMANDS:
+            parser_builder, runner = COMMANDS[argv[0]]
+            runner(parser_builder().parse_args(argv[1:]))
             return 0
         given = vars(build_train_parser().parse_args(argv))
         demo = given.pop("demo", False)
