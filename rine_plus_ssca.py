@@ -96,6 +96,12 @@ NUM_WORKERS = 8  # data-loading processes (capped at the number of CPU cores)
 SEED = 0  # seeds Python, NumPy and torch (and the hold-out split)
 LOG_EVERY = 20  # steps between progress-bar loss updates (each update syncs with the GPU)
 
+# --- safety and reproducibility ---
+RESUME = False  # continue from CHECKPOINT_DIR/last_rine_plus_ssca.pth (model, optimizer, RNG, position in the epoch)
+SAVE_EVERY_STEPS = 500  # also write the last checkpoint every N steps inside an epoch; 0 = only at epoch ends
+MAX_BAD_FRACTION = 0.05  # stop when more than this share of a split cannot be read (run check-data to list them)
+DETERMINISTIC = False  # deterministic kernels: two CPU runs give bit-identical checkpoints (slower on GPU)
+
 # Every UPPERCASE name above is a configuration constant (and a command-line option).
 CONFIG_NAMES = [name for name in dict(globals()) if name.isupper() and name not in _NAMES_BEFORE_CONFIG]
 
@@ -165,8 +171,10 @@ def atomic_torch_save(obj, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)  # via a buffer, so no temporary file name ends up inside the archive
         with open(tmp_path, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -646,21 +654,43 @@ def jpeg_reencode(image, quality):
     return Image.open(buffer).convert("RGB")
 
 
-class RandomBlurJPEG:
-    """Gaussian blur (p, sigma~U[0,max]) then JPEG re-encoding (p, quality~U{min..100}), as CNNDetection/RINE."""
+class TrainAugment:
+    """Training view of one image, every random choice drawn from `generator`, so a seed fixes the view.
 
-    def __init__(self, blur_prob, blur_sigma_max, jpeg_prob, jpeg_quality_min):
-        self.blur_prob, self.blur_sigma_max = blur_prob, blur_sigma_max
-        self.jpeg_prob, self.jpeg_quality_min = jpeg_prob, jpeg_quality_min
+    Gaussian blur (p, sigma~U[0,max]) and JPEG re-encoding (p, quality~U{min..100}) on the
+    whole image, as CNNDetection and RINE do; then a random crop (smaller images are
+    zero-padded first, never resized) and a horizontal flip. -> uint8 array [3,crop,crop].
+    """
 
-    def __call__(self, image):
-        if torch.rand(1).item() < self.blur_prob:
-            sigma = torch.rand(1).item() * self.blur_sigma_max
+    def __init__(self, cfg):
+        self.crop = cfg.CROP_SIZE
+        self.blur_prob, self.blur_sigma_max = cfg.BLUR_PROB, cfg.BLUR_SIGMA_MAX
+        self.jpeg_prob, self.jpeg_quality_min = cfg.JPEG_PROB, cfg.JPEG_QUALITY_MIN
+
+    def __call__(self, image, generator):
+        def uniform():
+            return torch.rand(1, generator=generator).item()
+
+        if uniform() < self.blur_prob:
+            sigma = uniform() * self.blur_sigma_max
             if sigma > 0:
                 image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
-        if torch.rand(1).item() < self.jpeg_prob:
-            image = jpeg_reencode(image, torch.randint(self.jpeg_quality_min, 101, (1,)).item())
-        return image
+        if uniform() < self.jpeg_prob:
+            image = jpeg_reencode(image, torch.randint(self.jpeg_quality_min, 101, (1,), generator=generator).item())
+        image = PadToAtLeast(self.crop)(image)
+        top = int(torch.randint(0, image.height - self.crop + 1, (1,), generator=generator))
+        left = int(torch.randint(0, image.width - self.crop + 1, (1,), generator=generator))
+        pixels = np.asarray(image.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
+        if uniform() < 0.5:
+            pixels = pixels[:, ::-1]
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def normalise_uint8(pixels):
+    """uint8 [..., 3, H, W] -> CLIP-normalised float32, on whatever device the tensor is."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
 
 
 class FixedPerturbation:
@@ -703,21 +733,17 @@ class StackCrops:
 
 
 def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=False):
-    """PIL image -> normalised tensor [3,CROP,CROP] ([10,3,CROP,CROP] with tencrop).
+    """Test: PIL image -> normalised tensor [3,CROP,CROP] ([10,3,CROP,CROP] with tencrop).
 
-    Train: random blur/JPEG, random crop, flip. Test: optional fixed perturbation, then a
-    centre crop (or the ten crops RINE averages over for large images). Never a resize.
+    An optional fixed perturbation, then a centre crop (or the ten crops RINE averages over
+    for large images); never a resize. Train: the seeded TrainAugment (uint8 crops, which
+    are normalised on the device).
     """
     from torchvision import transforms
 
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
     if train:
-        return transforms.Compose([
-            RandomBlurJPEG(cfg.BLUR_PROB, cfg.BLUR_SIGMA_MAX, cfg.JPEG_PROB, cfg.JPEG_QUALITY_MIN),
-            transforms.RandomCrop(cfg.CROP_SIZE, pad_if_needed=True),
-            transforms.RandomHorizontalFlip(),
-            to_tensor,
-        ])
+        return TrainAugment(cfg)
     steps = [FixedPerturbation(jpeg_quality, blur_sigma)] if (jpeg_quality is not None or blur_sigma) else []
     if tencrop:
         steps += [PadToAtLeast(cfg.CROP_SIZE), transforms.TenCrop(cfg.CROP_SIZE), StackCrops(to_tensor)]
@@ -727,7 +753,12 @@ def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=Fals
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(path, label) items -> (pixels [3,H,W], label); an unreadable image gives None (skipped by the collate)."""
+    """(path, label, group) items -> samples for the collate.
+
+    dataset[i] applies the test transform; dataset[(i, seed)] the seeded training one.
+    A sample is (pixels, label, index), or (None, error text, index) when the file can't be
+    read: the collate drops it and the main process reports it once.
+    """
 
     def __init__(self, items, transform):
         # NumPy arrays rather than lists of Python objects: workers don't copy them page by page.
@@ -738,46 +769,105 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path = str(self.paths[index])
         try:
             with Image.open(path) as image:
-                pixels = self.transform(load_rgb(image))
+                image = load_rgb(image)
+            if seed is None:
+                pixels = self.transform(image)
+            else:
+                pixels = torch.from_numpy(self.transform(image, torch.Generator().manual_seed(seed)))
         except Exception as error:  # truncated, empty, not an image, decompression bomb...
-            print(f"\nwarning: skipped unreadable image {path} ({type(error).__name__}: {error})", file=sys.stderr)
-            return None
+            return None, f"{type(error).__name__}: {error}", index
         return pixels, int(self.labels[index]), index
 
 
 def collate_skipping_bad(batch):
-    """Stack the readable samples; returns (pixels, labels, indices, n_skipped) or None if none were readable."""
-    good = [sample for sample in batch if sample is not None]
-    n_skipped = len(batch) - len(good)
+    """Stack the readable samples: (pixels, labels, indices, bad) with bad = [(index, error text)].
+
+    pixels/labels/indices are None when no sample of the batch could be read.
+    """
+    good = [sample for sample in batch if sample[0] is not None]
+    bad = [(sample[2], sample[1]) for sample in batch if sample[0] is None]
     if not good:
-        return None, None, None, n_skipped
+        return None, None, None, bad
     pixels = torch.stack([sample[0] for sample in good])
     labels = torch.tensor([sample[1] for sample in good], dtype=torch.float32)
     indices = torch.tensor([sample[2] for sample in good])
-    return pixels, labels, indices, n_skipped
+    return pixels, labels, indices, bad
 
 
-def make_loader(items, cfg, train, device, seed=0, transform=None):
-    """DataLoader over (path, label, group) items; `transform` defaults to the train or test one."""
+def sample_seed(seed, index, view):
+    """Seed of one augmented view of one image: the same (SEED, image, view) always gives the same pixels."""
+    return (seed * 1_000_003 + index) * 1_000_033 + view
+
+
+class SeededEpochSampler(torch.utils.data.Sampler):
+    """Shuffled (index, augmentation seed) pairs fixed by (SEED, epoch).
+
+    A resumed epoch replays exactly the same batches from `start_batch` on, whatever the
+    number of workers, because nothing depends on worker RNG.
+    """
+
+    def __init__(self, n_items, seed, batch_size, drop_last):
+        self.n_items, self.seed, self.batch_size, self.drop_last = n_items, seed, batch_size, drop_last
+        self.epoch, self.start_batch = 1, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self):
+        full, rest = divmod(self.n_items, self.batch_size)
+        return full if self.drop_last or not rest else full + 1
+
+    def __len__(self):
+        used = self.batches_per_epoch() * self.batch_size
+        return max(0, min(used, self.n_items) - self.start_batch * self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
+        order = order[: self.batches_per_epoch() * self.batch_size][self.start_batch * self.batch_size:]
+        view = self.epoch - 1
+        return iter([(int(i), sample_seed(self.seed, int(i), view)) for i in order])
+
+
+def make_loader(items, cfg, train, device, seed=0, transform=None, sampler=None):
+    """DataLoader over (path, label, group) items; test transform unless `sampler` gives training seeds."""
     dataset = ImageDataset(items, transform or build_transform(cfg, train))
     workers = max(0, min(cfg.NUM_WORKERS, os.cpu_count() or 1))
-    generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.BATCH_SIZE,
-        shuffle=train,
-        drop_last=train and len(dataset) > cfg.BATCH_SIZE,  # a last tiny batch would give SupCon few pairs
+        sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         collate_fn=collate_skipping_bad,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),  # its own RNG: starting an epoch leaves torch's global RNG alone
     )
+
+
+class BadImageLog:
+    """Reports each unreadable file once, and stops when a split has too many of them."""
+
+    def __init__(self, split_name, paths, max_fraction):
+        self.split_name, self.paths, self.max_fraction = split_name, paths, max_fraction
+        self.bad = {}
+
+    def add(self, bad, write=print):
+        for index, error in bad:
+            path = str(self.paths[index])
+            if path not in self.bad:
+                self.bad[path] = error
+                write(f"warning: skipped unreadable image {path} ({error})")
+        if len(self.bad) > self.max_fraction * len(self.paths):
+            examples = "; ".join(list(self.bad)[:3])
+            raise UserError(f"{len(self.bad)} of {len(self.paths)} {self.split_name} images are unreadable (more than "
+                            f"MAX_BAD_FRACTION={self.max_fraction}), e.g. {examples}. Run `python rine_plus_ssca.py "
+                            "check-data --data DIR` to list them, then remove or re-download them.")
 
 
 def prepare_splits(cfg):
@@ -953,12 +1043,12 @@ def model_probabilities(model, pixels):
 
 @torch.inference_mode()
 def score_loader(model, loader, device, amp_dtype):
-    """Run the model over a loader: (indices, labels, P(fake), summed BCE, n_skipped)."""
+    """Run the model over a loader: (indices, labels, P(fake), summed BCE, bad) with bad = [(index, error)]."""
     model.eval()
     all_indices, all_labels, all_probs = [], [], []
-    bce_total, n_skipped = torch.zeros((), device=device), 0
-    for pixels, labels, indices, skipped in loader:
-        n_skipped += skipped
+    bce_total, all_bad = torch.zeros((), device=device), []
+    for pixels, labels, indices, bad in loader:
+        all_bad += bad
         if pixels is None:
             continue
         pixels = pixels.to(device, non_blocking=True)
@@ -970,9 +1060,9 @@ def score_loader(model, loader, device, amp_dtype):
         all_labels.append(labels.cpu())
         all_probs.append(probs.cpu())
     if not all_probs:
-        return np.zeros(0, int), np.zeros(0), np.zeros(0), 0.0, n_skipped
+        return np.zeros(0, int), np.zeros(0), np.zeros(0), 0.0, all_bad
     return (torch.cat(all_indices).numpy(), torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy(),
-            float(bce_total.item()), n_skipped)
+            float(bce_total.item()), all_bad)
 
 
 def format_table(columns, rows):
@@ -1067,7 +1157,9 @@ def score_items(model, items, batch_size=64, num_workers=4, tencrop=False, jpeg_
     unique_paths = sorted({item[0] for item in items})
     transform = build_transform(cfg, False, jpeg_quality, blur_sigma, tencrop)
     loader = make_loader([(path, 0, "") for path in unique_paths], cfg, train=False, device=device, transform=transform)
-    indices, _, probs, _, _ = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
+    indices, _, probs, _, bad = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
+    for index, error in bad:
+        print(f"warning: skipped unreadable image {unique_paths[index]} ({error})", file=sys.stderr)
     scores = {unique_paths[i]: float(p) for i, p in zip(indices, probs)}
     return scores, [path for path in unique_paths if path not in scores]
 
@@ -1305,6 +1397,8 @@ def validate_config(cfg):
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}.")
     positive = ["EPOCHS", "BATCH_SIZE", "PROJ_DIM", "NPROJ", "SPEC_CHANNELS", "FUSION_DIM", "FUSION_HEADS", "LOG_EVERY"]
+    if cfg.SAVE_EVERY_STEPS < 0 or not 0 <= cfg.MAX_BAD_FRACTION <= 1:
+        raise UserError("Need SAVE_EVERY_STEPS >= 0 and 0 <= MAX_BAD_FRACTION <= 1.")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)}).")
@@ -1334,16 +1428,67 @@ def is_better(metric_name, metrics, best):
     return value < best[key] if metric_name == "loss" else value > best[key]
 
 
+def configure_determinism(deterministic):
+    """Deterministic kernels when asked (bit-identical CPU runs); fast TF32 matmuls otherwise."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this to be deterministic
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+ARCHITECTURE_CONSTANTS = ["CLIP_MODEL", "BLOCKS", "PROJ_DIM", "NPROJ", "SPEC_CHANNELS", "FUSION_DIM", "FUSION_HEADS",
+                          "USE_SPECTRAL", "USE_TIE", "FUSION", "SPECTRAL_INPUT", "PATCH_BLOCK", "CROP_SIZE"]
+
+
+def save_last(path, model, optimizer, scaler, epoch, step, history, best_metrics, sums):
+    """The last checkpoint: the model plus everything needed to resume after `step` of `epoch`."""
+    checkpoint = make_checkpoint(model, epoch, history[-1] if history else {}, history)
+    checkpoint["resume"] = {
+        "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "best_metrics": plain_values(best_metrics), "epoch_sums": sums.detach().cpu(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    atomic_torch_save(checkpoint, path)
+
+
+def restore_last(path, cfg, model, optimizer, scaler):
+    """Load a last checkpoint into model, optimizer, scaler and RNG; returns its resume state."""
+    checkpoint = read_checkpoint(path)
+    if "resume" not in checkpoint:
+        raise UserError(f"{path} holds no training state to resume from; start without --resume.")
+    changed = [name for name in ARCHITECTURE_CONSTANTS if checkpoint["config"].get(name) != getattr(cfg, name)]
+    if changed:
+        raise UserError(f"Can't resume: {', '.join(changed)} differ from the run in {path}. Use the same values, "
+                        "or a new CHECKPOINT_DIR for a new run.")
+    model.load_state_dict(checkpoint["model"], strict=False)
+    state = checkpoint["resume"]
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    state["history"] = checkpoint.get("history", [])
+    return state
+
+
+def nonfinite_error(epoch, step, cfg, last_path):
+    return UserError(f"The loss became non-finite (NaN/inf) at epoch {epoch}, step {step}. Lower LR (now {cfg.LR}) "
+                     f"or try --amp off; {last_path} still holds the last good state.")
+
+
 def train(cfg):
     """Train with the configuration; returns the path of the best checkpoint."""
     from tqdm import tqdm
 
     validate_config(cfg)
     seed_everything(cfg.SEED)
+    configure_determinism(cfg.DETERMINISTIC)
     device = resolve_device(cfg.DEVICE)
     amp_dtype = resolve_amp_dtype(cfg.AMP, device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
     train_items, val_items = prepare_splits(cfg)
     model = build_model(cfg, device)
@@ -1354,60 +1499,93 @@ def train(cfg):
 
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.LR, weight_decay=cfg.WEIGHT_DECAY)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    train_loader = make_loader(train_items, cfg, train=True, device=device, seed=cfg.SEED)
-    val_loader = make_loader(val_items, cfg, train=False, device=device)
     checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
-    history, best_metrics, best_path = [], None, checkpoint_dir / BEST_NAME
+    last_path, best_path = checkpoint_dir / LAST_NAME, checkpoint_dir / BEST_NAME
+    start_epoch, start_step, history, best_metrics, resumed_sums = 1, 0, [], None, None
+    if cfg.RESUME:
+        state = restore_last(last_path, cfg, model, optimizer, scaler)
+        start_epoch, start_step, history = state["epoch"], state["step"], state["history"]
+        best_metrics, resumed_sums = state["best_metrics"], state["epoch_sums"].to(device)
+        print(f"resuming from {last_path}: epoch {start_epoch}, after step {start_step}\n")
 
-    for epoch in range(1, cfg.EPOCHS + 1):
-        model.train()
-        started = time.time()
-        sums = torch.zeros(3, device=device)  # bce, supcon, images; summed on the device, read at log steps
-        n_skipped = 0
-        progress = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", leave=False, dynamic_ncols=True)
-        for step, (pixels, labels, _, skipped) in enumerate(progress, start=1):
-            n_skipped += skipped
-            if pixels is None:
-                continue
-            pixels = pixels.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits, features = model(pixels)
-            bce = bce_loss_sum(logits, labels)
-            supcon = supervised_contrastive_loss(features, labels, cfg.SUPCON_TEMPERATURE) if cfg.XI > 0 else bce * 0
-            loss = bce + cfg.XI * supcon
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            sums += torch.stack([bce.detach(), supcon.detach() * len(labels), torch.tensor(float(len(labels)), device=device)])
-            if step % cfg.LOG_EVERY == 0:
-                bce_avg, supcon_avg = (sums[:2] / sums[2]).tolist()
-                if not math.isfinite(bce_avg + supcon_avg):
-                    raise UserError(f"The loss became non-finite at epoch {epoch}, step {step}; lower LR "
-                                    f"(now {cfg.LR}) or try --amp off. The last good checkpoint is kept.")
-                progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
-        progress.close()
-        n_images = max(sums[2].item(), 1.0)
-        train_bce, train_supcon = sums[0].item() / n_images, sums[1].item() / n_images
+    # A last tiny batch would give SupCon few pairs and BatchNorm noisy statistics.
+    sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE, drop_last=len(train_items) > cfg.BATCH_SIZE)
+    train_loader = make_loader(train_items, cfg, train=True, device=device, sampler=sampler)
+    val_loader = make_loader(val_items, cfg, train=False, device=device)
+    train_bad = BadImageLog("training", train_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
+    val_bad = BadImageLog("validation", val_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
 
-        indices, labels, probs, val_bce_sum, val_skipped = score_loader(model, val_loader, device, amp_dtype)
-        metrics = binary_metrics(labels, probs, cfg.THRESHOLD)
-        metrics.update(epoch=epoch, train_bce=train_bce, train_supcon=train_supcon,
-                       val_bce=val_bce_sum / max(len(labels), 1), seconds=time.time() - started,
-                       skipped_train=n_skipped, skipped_val=val_skipped)
-        history.append(metrics)
-        if n_skipped or val_skipped:
-            print(f"epoch {epoch}: skipped {n_skipped} unreadable training and {val_skipped} validation images")
-        checkpoint = make_checkpoint(model, epoch, metrics, history)
-        atomic_torch_save(checkpoint, checkpoint_dir / LAST_NAME)
-        marker = ""
-        if is_better(cfg.SELECT_METRIC, metrics, best_metrics):
-            best_metrics = metrics
-            atomic_torch_save(checkpoint, best_path)
-            marker = f"  <- best {cfg.SELECT_METRIC}, saved {best_path}"
-        print(f"epoch {epoch}: train bce {train_bce:.4f} supcon {train_supcon:.4f} | val bce {metrics['val_bce']:.4f} "
-              f"acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} auc {metrics['auc']:.4f} ({metrics['seconds']:.0f} s){marker}")
+    epoch, step = start_epoch, start_step
+    sums = resumed_sums if resumed_sums is not None else torch.zeros(3, device=device)
+    try:
+        for epoch in range(start_epoch, cfg.EPOCHS + 1):
+            started = time.time()
+            step = start_step if epoch == start_epoch else 0
+            if epoch != start_epoch or resumed_sums is None:
+                sums = torch.zeros(3, device=device)  # bce, supcon, images: summed on the device, read at log steps
+            sampler.set_epoch(epoch, start_batch=step)
+            model.train()
+            first_nonfinite_step = torch.full((), -1, device=device)
+            progress = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step,
+                            total=sampler.batches_per_epoch(), leave=False, dynamic_ncols=True)
+            for pixels, labels, _, bad in progress:
+                train_bad.add(bad, write=progress.write)
+                if pixels is not None:
+                    pixels = normalise_uint8(pixels.to(device, non_blocking=True))
+                    labels = labels.to(device, non_blocking=True)
+                    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits, features = model(pixels)
+                    bce = bce_loss_sum(logits, labels)
+                    supcon = supervised_contrastive_loss(features, labels, cfg.SUPCON_TEMPERATURE) if cfg.XI > 0 else bce * 0
+                    loss = bce + cfg.XI * supcon
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    # Remember the first bad step without a GPU sync; it is read at log steps.
+                    is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss.detach())
+                    first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
+                    sums += torch.stack([bce.detach(), supcon.detach() * len(labels),
+                                         torch.tensor(float(len(labels)), device=device)])
+                step += 1
+                at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
+                if step % cfg.LOG_EVERY == 0 or at_save_step:
+                    if first_nonfinite_step.item() >= 0:
+                        raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
+                    bce_avg, supcon_avg = (sums[:2] / sums[2].clamp(min=1)).tolist()
+                    progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
+                if at_save_step:
+                    save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
+            progress.close()
+            if first_nonfinite_step.item() >= 0:
+                raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
+            n_images = max(sums[2].item(), 1.0)
+
+            indices, labels, probs, val_bce_sum, bad = score_loader(model, val_loader, device, amp_dtype)
+            val_bad.add(bad)
+            metrics = binary_metrics(labels, probs, cfg.THRESHOLD)
+            metrics.update(epoch=epoch, train_bce=sums[0].item() / n_images, train_supcon=sums[1].item() / n_images,
+                           val_bce=val_bce_sum / max(len(labels), 1),
+                           skipped_train=len(train_bad.bad), skipped_val=len(val_bad.bad))
+            history.append(metrics)
+            if train_bad.bad or val_bad.bad:
+                print(f"epoch {epoch}: {len(train_bad.bad)} unreadable training and {len(val_bad.bad)} validation images skipped")
+            marker = ""
+            if is_better(cfg.SELECT_METRIC, metrics, best_metrics):
+                best_metrics = metrics
+                atomic_torch_save(make_checkpoint(model, epoch, metrics, history), best_path)
+                marker = f"  <- best {cfg.SELECT_METRIC}, saved {best_path}"
+            step, sums = 0, torch.zeros(3, device=device)
+            save_last(last_path, model, optimizer, scaler, epoch + 1, 0, history, best_metrics, sums)
+            print(f"epoch {epoch}: train bce {metrics['train_bce']:.4f} supcon {metrics['train_supcon']:.4f} | "
+                  f"val bce {metrics['val_bce']:.4f} acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} "
+                  f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
+    except KeyboardInterrupt:
+        save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
+        raise UserError(f"Interrupted at epoch {epoch}, step {step}; saved {last_path}. Continue with --resume.")
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"CUDA ran out of memory at batch size {cfg.BATCH_SIZE}. Lower --batch-size (e.g. "
+                        f"{max(1, cfg.BATCH_SIZE // 2)}) or --proj-dim, or use fewer --blocks; close other programs on the GPU.")
     print()
     print_block_importance(model)
     plot_training_curves(history, checkpoint_dir / "training_curves.png")
@@ -1418,7 +1596,7 @@ def train(cfg):
     return best_path
 
 
-HISTORY_COLUMNS = ["epoch", "train_bce", "train_supcon", "val_bce", "acc", "ap", "auc", "real_acc", "fake_acc", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_bce", "train_supcon", "val_bce", "acc", "ap", "auc", "real_acc", "fake_acc"]
 
 
 def history_row(metrics):
