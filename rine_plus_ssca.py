@@ -25,13 +25,18 @@ branches, a gated MLP makes the representation, and the loss is BCE + XI * SupCo
 
 import argparse
 import difflib
+import hashlib
 import io
+import json
 import math
 import os
+import pickle
 import random
 import re
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -243,7 +248,9 @@ def bce_loss_sum(logits, labels):
 def load_clip_vision(name, dtype=None):
     """CLIPVisionModel from a HuggingFace id or a local folder, with a clear message when it can't be had."""
     from transformers import CLIPVisionModel  # imported here so `import rine_plus_ssca` stays light
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars are enough
     try:
         return CLIPVisionModel.from_pretrained(name, attn_implementation="sdpa", dtype=dtype or torch.float32)
     except Exception as error:  # network, cache, or a folder without weights: all fixed the same ways
@@ -635,6 +642,15 @@ def count_table(items):
     return rows
 
 
+def open_image(path):
+    """Decode an image file fully into 8-bit RGB; a decompression bomb is an error, not a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            return load_rgb(image)
+
+
 def load_rgb(source):
     """A path or PIL image -> 8-bit RGB PIL image (16-bit, palette, RGBA, CMYK, grayscale all handled)."""
     image = source if isinstance(source, Image.Image) else Image.open(source)
@@ -773,8 +789,7 @@ class ImageDataset(torch.utils.data.Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path = str(self.paths[index])
         try:
-            with Image.open(path) as image:
-                image = load_rgb(image)
+            image = open_image(path)
             if seed is None:
                 pixels = self.transform(image)
             else:
@@ -981,7 +996,9 @@ def make_demo_dataset(root, seed=0):
 def make_tiny_backbone(folder, seed=0):
     """A randomly initialised CLIP-architecture vision tower (4 blocks, width 64), saved like a real one."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
@@ -1285,6 +1302,7 @@ def make_checkpoint(model, epoch, metrics, history):
         "history": plain_values(history),
         "versions": plain_values({"torch": torch.__version__, "torchvision": torchvision.__version__,
                                   "transformers": transformers.__version__}),
+        "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
 
 
@@ -1320,6 +1338,9 @@ def read_checkpoint(path):
         raise UserError(f"No checkpoint at {path}; train first (python rine_plus_ssca.py) or pass --ckpt with the right path.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"Refused {path}: loading it would need pickle, which can run arbitrary code. Only checkpoints "
+                        "written by rine_plus_ssca.py (tensors and plain values) are loaded.") from error
     except Exception as error:
         raise UserError(f"{path} is not a checkpoint this script can load safely ({type(error).__name__}); "
                         "only files written by rine_plus_ssca.py are accepted.") from error
@@ -1638,7 +1659,7 @@ def constant_help():
 def build_train_parser():
     parser = OneLineErrorParser(
         prog="rine_plus_ssca.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
-        description="Train RINE+SSCA (default), or run a command: eval, predict (see `rine_plus_ssca.py eval --help`). Every constant at the top of the file is an option.",
+        description="Train RINE+SSCA (default), or run a command: eval, predict, check-data, export (e.g. `rine_plus_ssca.py eval --help`). Every constant at the top of the file is an option.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="offline demo: generated data, tiny random backbone")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -1805,6 +1826,87 @@ def run_predict(args):
     return results
 
 
+def build_check_data_parser():
+    parser = OneLineErrorParser(prog="rine_plus_ssca.py check-data", allow_abbrev=False,
+                                description="Scan a folder tree without training: unreadable, tiny and unlabeled files, label counts.")
+    parser.add_argument("--data", required=True, help="folder to scan, e.g. data/train or data")
+    parser.add_argument("--min-side", type=int, default=64, help="images with a side shorter than this are listed as tiny")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding processes")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def inspect_image(path):
+    """(path, width, height, error text or None): the full decode a training run would do."""
+    try:
+        image = open_image(path)
+        return path, image.width, image.height, None
+    except Exception as error:
+        return path, 0, 0, f"{type(error).__name__}: {error}"
+
+
+def run_check_data(args):
+    """The check-data command; exit code 1 when unreadable images were found."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = Path(args.data)
+    if not root.is_dir():
+        raise UserError(f"No folder {root}; pass --data with the folder to check.")
+    items, unlabeled = scan_image_folder(root)
+    others = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+              and not p.name.startswith(".")]
+    paths = [item[0] for item in items] + unlabeled
+    print(f"checking {len(paths)} image files under {root} with {args.workers} processes ...")
+    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        results = list(pool.map(inspect_image, paths, chunksize=64))
+    unreadable = [(path, error) for path, _, _, error in results if error]
+    tiny = [(path, w, h) for path, w, h, error in results if not error and min(w, h) < args.min_side]
+    print(f"\nlabel counts per folder (under {root}):")
+    print(format_table(["folder", "real", "fake"], count_table(items)))
+    print(f"\nunreadable images: {len(unreadable)}")
+    for path, error in unreadable:
+        print(f"  {path}  ({error})")
+    print(f"tiny images (a side under {args.min_side} px, padded to the crop): {len(tiny)}")
+    for path, w, h in tiny:
+        print(f"  {path}  ({w}x{h})")
+    print(f"unlabeled images (in no 0_real/real/nature or 1_fake/fake/ai folder, ignored): {len(unlabeled)}")
+    for path in unlabeled:
+        print(f"  {path}")
+    print(f"files without an image extension (ignored): {len(others)}")
+    for path in others[:20]:
+        print(f"  {path}")
+    if len(others) > 20:
+        print(f"  ... and {len(others) - 20} more")
+    return 1 if unreadable else 0
+
+
+def build_export_parser():
+    parser = OneLineErrorParser(prog="rine_plus_ssca.py export", allow_abbrev=False,
+                                description="Write a checkpoint's trainable weights as safetensors (config in its metadata).")
+    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth)")
+    parser.add_argument("--out", required=True, help="output file, e.g. detector.safetensors")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def run_export(args):
+    from safetensors.torch import save_file
+
+    checkpoint = read_checkpoint(args.ckpt)
+    tensors = {name: tensor.contiguous() for name, tensor in checkpoint["model"].items()}
+    metadata = {"format": str(CHECKPOINT_FORMAT), "config": json.dumps(checkpoint["config"]),
+                "metrics": json.dumps(checkpoint.get("metrics", {}))}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, args.out, metadata=metadata)
+    print(f"wrote {args.out} ({len(tensors)} tensors, {Path(args.out).stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _stop_like_ctrl_c(signum, frame):
+    """SIGTERM (a cluster pre-empting the job) is handled like Ctrl-C: save, then exit."""
+    raise KeyboardInterrupt
+
+
 def run_demo(cfg):
     started = time.time()
     print("DEMO: generated images and a tiny, randomly initialised CLIP-shaped backbone, all offline.\n"
@@ -1825,7 +1927,12 @@ def run_demo(cfg):
           "(downloaded once, or a local folder in CLIP_MODEL), ideally on a GPU: see README.md.")
 
 
-COMMANDS = {"eval": (build_eval_parser, run_eval), "predict": (build_predict_parser, run_predict)}
+COMMANDS = {
+    "eval": (build_eval_parser, run_eval),
+    "predict": (build_predict_parser, run_predict),
+    "check-data": (build_check_data_parser, run_check_data),
+    "export": (build_export_parser, run_export),
+}
 
 
 def main(argv=None):
@@ -1834,8 +1941,8 @@ def main(argv=None):
     try:
         if argv and argv[0] in COMMANDS:
             parser_builder, runner = COMMANDS[argv[0]]
-            runner(parser_builder().parse_args(argv[1:]))
-            return 0
+            result = runner(parser_builder().parse_args(argv[1:]))
+            return result if isinstance(result, int) else 0
         given = vars(build_train_parser().parse_args(argv))
         demo = given.pop("demo", False)
         given.pop("debug", None)
@@ -1844,6 +1951,7 @@ def main(argv=None):
             cfg.__dict__.update(DEMO_OVERRIDES)
         cfg.__dict__.update(given)
         validate_config(cfg)
+        signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
         run_demo(cfg) if demo else train(cfg)
         return 0
     except UserError as error:
