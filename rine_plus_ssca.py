@@ -37,6 +37,7 @@ import signal
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,6 +102,12 @@ NUM_WORKERS = 8  # data-loading processes (capped at the number of CPU cores)
 SEED = 0  # seeds Python, NumPy and torch (and the hold-out split)
 LOG_EVERY = 20  # steps between progress-bar loss updates (each update syncs with the GPU)
 
+# --- speed ---
+CACHE_FEATURES = False  # keep the frozen backbone's tokens on disk: later epochs and runs skip the backbone
+CACHE_VIEWS = 4  # augmented views cached per training image; epoch e uses view (e-1) mod CACHE_VIEWS
+CACHE_DIR = ""  # where the cache lives; "" = CHECKPOINT_DIR/cache
+COMPILE = False  # torch.compile the trainable head (faster on recent GPUs after a slow first step)
+
 # --- safety and reproducibility ---
 RESUME = False  # continue from CHECKPOINT_DIR/last_rine_plus_ssca.pth (model, optimizer, RNG, position in the epoch)
 SAVE_EVERY_STEPS = 500  # also write the last checkpoint every N steps inside an epoch; 0 = only at epoch ends
@@ -108,7 +115,7 @@ MAX_BAD_FRACTION = 0.05  # stop when more than this share of a split cannot be r
 DETERMINISTIC = False  # deterministic kernels: two CPU runs give bit-identical checkpoints (slower on GPU)
 
 # Every UPPERCASE name above is a configuration constant (and a command-line option).
-CONFIG_NAMES = [name for name in dict(globals()) if name.isupper() and name not in _NAMES_BEFORE_CONFIG]
+CONFIG_NAMES = [name for name in dict(globals()) if name.isupper() and not name.startswith("_") and name not in _NAMES_BEFORE_CONFIG]
 
 CHOICES = {
     "SELECT_METRIC": ("acc", "ap", "auc", "loss"),
@@ -161,12 +168,27 @@ def resolve_device(name):
     return device
 
 
+def cpu_has_fast_bf16():
+    """True on CPUs with bfloat16 matrix instructions (AVX-512 BF16 or AMX), where bf16 is several times faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_amp_dtype(amp, device):
-    """The autocast dtype for this device, or None for full float32."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    """The mixed-precision dtype for this device, or None for full float32.
+
+    auto: bf16 on GPUs that have it, else fp16 (with a GradScaler); on the CPU bf16 only where
+    the CPU has bf16 instructions (measured: benchmarks/throughput.py), else float32.
+    """
+    if amp == "off":
         return None
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -245,14 +267,14 @@ def bce_loss_sum(logits, labels):
 # Modules
 # =====================================================================================
 
-def load_clip_vision(name, dtype=None):
+def load_clip_vision(name, dtype=None, attn_implementation="sdpa"):
     """CLIPVisionModel from a HuggingFace id or a local folder, with a clear message when it can't be had."""
     from transformers import CLIPVisionModel  # imported here so `import rine_plus_ssca` stays light
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough
     try:
-        return CLIPVisionModel.from_pretrained(name, attn_implementation="sdpa", dtype=dtype or torch.float32)
+        return CLIPVisionModel.from_pretrained(name, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
     except Exception as error:  # network, cache, or a folder without weights: all fixed the same ways
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
@@ -271,9 +293,9 @@ class FrozenCLIPBlocks(nn.Module):
     pixels [B,3,H,W] -> cls_tokens [B,n_blocks,width], patch_tokens [B,width,g,g] or None.
     """
 
-    def __init__(self, clip_model, blocks="all", patch_block=None, dtype=None):
+    def __init__(self, clip_model, blocks="all", patch_block=None, dtype=None, attn_implementation="sdpa", truncate=True):
         super().__init__()
-        self.clip = load_clip_vision(clip_model, dtype)
+        self.clip = load_clip_vision(clip_model, dtype, attn_implementation)
         vision = getattr(self.clip, "vision_model", self.clip)  # transformers 4 nests it; 5 does not
         layers = vision.encoder.layers
         self.backbone_config = self.clip.config.to_dict()
@@ -284,7 +306,8 @@ class FrozenCLIPBlocks(nn.Module):
         if patch_block is not None and not 0 <= patch_block < len(layers):
             raise UserError(f"PATCH_BLOCK={patch_block} must be between 0 and {len(layers) - 1}.")
         last_needed = max(self.blocks + ([patch_block] if patch_block is not None else []))
-        vision.encoder.layers = layers[: last_needed + 1]
+        if truncate:  # blocks after the last one used would be computed for nothing
+            vision.encoder.layers = layers[: last_needed + 1]
         self.clip.requires_grad_(False)
         self.clip.eval()
         self._caught = {}
@@ -487,11 +510,12 @@ class RINEPlusSSCA(nn.Module):
     Only the head is trainable; `trainable_state_dict()` is what checkpoints store.
     """
 
-    def __init__(self, cfg, backbone_dtype=None):
+    def __init__(self, cfg, backbone_dtype=None, **backbone_options):
         super().__init__()
         self.config = {name: getattr(cfg, name) for name in CONFIG_NAMES}
         use_patches = cfg.USE_SPECTRAL and cfg.SPECTRAL_INPUT == "clip_patches"
-        self.backbone = FrozenCLIPBlocks(cfg.CLIP_MODEL, cfg.BLOCKS, cfg.PATCH_BLOCK if use_patches else None, backbone_dtype)
+        self.backbone = FrozenCLIPBlocks(cfg.CLIP_MODEL, cfg.BLOCKS, cfg.PATCH_BLOCK if use_patches else None,
+                                         backbone_dtype, **backbone_options)
         n_blocks, width, d = len(self.backbone.blocks), self.backbone.width, cfg.PROJ_DIM
         self.q1 = projection_mlp(width, d, cfg.NPROJ, cfg.DROPOUT)
         self.tie = TrainableImportanceEstimator(n_blocks, d, enabled=cfg.USE_TIE)
@@ -531,8 +555,11 @@ class RINEPlusSSCA(nn.Module):
             return torch.full((len(self.backbone.blocks),), 1.0 / len(self.backbone.blocks))
         return weights.detach().float().mean(dim=1).cpu()
 
-    def forward(self, pixels):
-        cls_tokens, patch_tokens = self.backbone(pixels)
+    def forward(self, pixels, cls_tokens=None):
+        """cls_tokens [B,n_blocks,width], when given (from the feature cache), replace the backbone's forward."""
+        patch_tokens = None
+        if cls_tokens is None:
+            cls_tokens, patch_tokens = self.backbone(pixels)
         block_tokens = self.q1(cls_tokens)  # [B,n,d'], one network shared by all blocks
         z_clip = self.q2(self.tie(block_tokens))  # [B,d']
         if not self.use_spectral:
@@ -738,55 +765,76 @@ class PadToAtLeast:
         return image
 
 
-class StackCrops:
-    """TenCrop's tuple of PIL crops -> normalised tensor [10,3,H,W]."""
+def to_uint8_tensor(image):
+    """PIL RGB image -> uint8 tensor [3,H,W] (normalised later, on the device: 4x less to copy)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
 
-    def __init__(self, to_tensor):
-        self.to_tensor = to_tensor
+
+class CentreCrop:
+    """Zero-pad to at least `size`, then the central size x size window (torchvision's rounding)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        image = PadToAtLeast(self.size)(image)
+        top, left = int(round((image.height - self.size) / 2.0)), int(round((image.width - self.size) / 2.0))
+        return image.crop((left, top, left + self.size, top + self.size))
+
+
+class StackCrops:
+    """TenCrop's tuple of PIL crops -> uint8 tensor [10,3,H,W]."""
 
     def __call__(self, crops):
-        return torch.stack([self.to_tensor(crop) for crop in crops])
+        return torch.stack([to_uint8_tensor(crop) for crop in crops])
 
 
 def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=False):
-    """Test: PIL image -> normalised tensor [3,CROP,CROP] ([10,3,CROP,CROP] with tencrop).
+    """Test: PIL image -> uint8 tensor [3,CROP,CROP] ([10,3,CROP,CROP] with tencrop).
 
     An optional fixed perturbation, then a centre crop (or the ten crops RINE averages over
-    for large images); never a resize. Train: the seeded TrainAugment (uint8 crops, which
-    are normalised on the device).
+    for large images); never a resize. Train: the seeded TrainAugment. Both give uint8
+    pixels, normalised on the device by normalise_uint8.
     """
     from torchvision import transforms
 
-    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
     if train:
         return TrainAugment(cfg)
     steps = [FixedPerturbation(jpeg_quality, blur_sigma)] if (jpeg_quality is not None or blur_sigma) else []
     if tencrop:
-        steps += [PadToAtLeast(cfg.CROP_SIZE), transforms.TenCrop(cfg.CROP_SIZE), StackCrops(to_tensor)]
+        steps += [PadToAtLeast(cfg.CROP_SIZE), transforms.TenCrop(cfg.CROP_SIZE), StackCrops()]
     else:
-        steps += [transforms.CenterCrop(cfg.CROP_SIZE), to_tensor]  # CenterCrop pads smaller images with zeros
+        steps += [CentreCrop(cfg.CROP_SIZE), to_uint8_tensor]
     return transforms.Compose(steps)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(path, label, group) items -> samples for the collate.
+    """(path, label, group) items -> samples for collate_skipping_bad.
 
-    dataset[i] applies the test transform; dataset[(i, seed)] the seeded training one.
-    A sample is (pixels, label, index), or (None, error text, index) when the file can't be
-    read: the collate drops it and the main process reports it once.
+    dataset[i] applies the test transform; dataset[(i, seed, view)] the training one seeded
+    with `seed` (seed None: the test transform). With a FeatureCache, a valid cached entry of
+    (i, view) is returned instead of decoding the file, tokens included.
+    A sample is (uint8 pixels, label, index, cached tokens or None, view), or
+    (None, error text, index, None, view) when the file can't be read.
     """
 
-    def __init__(self, items, transform):
+    def __init__(self, items, transform, cache=None):
         # NumPy arrays rather than lists of Python objects: workers don't copy them page by page.
         self.paths = np.array([item[0] for item in items])
         self.labels = np.array([item[1] for item in items], dtype=np.int64)
         self.transform = transform
+        self.cache = cache
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, None)
+        index, seed, view = key if isinstance(key, tuple) else (key, None, 0)
+        label = int(self.labels[index])
+        if self.cache is not None:
+            cached = self.cache.get(index, view)
+            if cached is not None:
+                return cached[0], label, index, cached[1], view
         path = str(self.paths[index])
         try:
             image = open_image(path)
@@ -795,23 +843,36 @@ class ImageDataset(torch.utils.data.Dataset):
             else:
                 pixels = torch.from_numpy(self.transform(image, torch.Generator().manual_seed(seed)))
         except Exception as error:  # truncated, empty, not an image, decompression bomb...
-            return None, f"{type(error).__name__}: {error}", index
-        return pixels, int(self.labels[index]), index
+            return None, f"{type(error).__name__}: {error}", index, None, view
+        return pixels, label, index, None, view
 
 
-def collate_skipping_bad(batch):
-    """Stack the readable samples: (pixels, labels, indices, bad) with bad = [(index, error text)].
+class Batch:
+    """A collated batch: uint8 pixels [B,3,S,S] (or [B,10,3,S,S]), labels [B], indices [B], views [B],
+    tokens [B,n,width] where cached (zeros elsewhere), cached [B] bool, bad [(index, error text)]."""
 
-    pixels/labels/indices are None when no sample of the batch could be read.
-    """
-    good = [sample for sample in batch if sample[0] is not None]
-    bad = [(sample[2], sample[1]) for sample in batch if sample[0] is None]
+    def __init__(self, pixels, labels, indices, views, tokens, cached, bad):
+        self.pixels, self.labels, self.indices, self.views = pixels, labels, indices, views
+        self.tokens, self.cached, self.bad = tokens, cached, bad
+
+
+def collate_skipping_bad(samples):
+    """Stack the readable samples; unreadable ones go to batch.bad. batch.pixels is None when none were readable."""
+    good = [sample for sample in samples if sample[0] is not None]
+    bad = [(sample[2], sample[1]) for sample in samples if sample[0] is None]
     if not good:
-        return None, None, None, bad
-    pixels = torch.stack([sample[0] for sample in good])
-    labels = torch.tensor([sample[1] for sample in good], dtype=torch.float32)
-    indices = torch.tensor([sample[2] for sample in good])
-    return pixels, labels, indices, bad
+        return Batch(None, None, None, None, None, None, bad)
+    cached = torch.tensor([sample[3] is not None for sample in good])
+    tokens = None
+    if cached.any():
+        shape = next(sample[3] for sample in good if sample[3] is not None).shape
+        tokens = torch.stack([sample[3] if sample[3] is not None else torch.zeros(shape) for sample in good])
+    return Batch(
+        pixels=torch.stack([sample[0] for sample in good]),
+        labels=torch.tensor([sample[1] for sample in good], dtype=torch.float32),
+        indices=torch.tensor([sample[2] for sample in good]),
+        views=torch.tensor([sample[4] for sample in good]),
+        tokens=tokens, cached=cached, bad=bad)
 
 
 def sample_seed(seed, index, view):
@@ -820,14 +881,18 @@ def sample_seed(seed, index, view):
 
 
 class SeededEpochSampler(torch.utils.data.Sampler):
-    """Shuffled (index, augmentation seed) pairs fixed by (SEED, epoch).
+    """Shuffled (index, augmentation seed, view) triples fixed by (SEED, epoch).
 
     A resumed epoch replays exactly the same batches from `start_batch` on, whatever the
-    number of workers, because nothing depends on worker RNG.
+    number of workers, because nothing depends on worker RNG. Epoch e draws view e-1 of each
+    image, or view (e-1) mod n_views when the feature cache holds n_views views. Under
+    torchrun each of the `world_size` processes takes every world_size-th sample of the
+    global order, so a global batch is the same set of images as in one process.
     """
 
-    def __init__(self, n_items, seed, batch_size, drop_last):
+    def __init__(self, n_items, seed, batch_size, drop_last, n_views=None, rank=0, world_size=1):
         self.n_items, self.seed, self.batch_size, self.drop_last = n_items, seed, batch_size, drop_last
+        self.n_views, self.rank, self.world_size = n_views, rank, world_size
         self.epoch, self.start_batch = 1, 0
 
     def set_epoch(self, epoch, start_batch=0):
@@ -837,24 +902,26 @@ class SeededEpochSampler(torch.utils.data.Sampler):
         full, rest = divmod(self.n_items, self.batch_size)
         return full if self.drop_last or not rest else full + 1
 
-    def __len__(self):
-        used = self.batches_per_epoch() * self.batch_size
-        return max(0, min(used, self.n_items) - self.start_batch * self.batch_size)
-
-    def __iter__(self):
+    def _order(self):
         order = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
         order = order[: self.batches_per_epoch() * self.batch_size][self.start_batch * self.batch_size:]
-        view = self.epoch - 1
-        return iter([(int(i), sample_seed(self.seed, int(i), view)) for i in order])
+        return order[self.rank::self.world_size]
+
+    def __len__(self):
+        return len(self._order())
+
+    def __iter__(self):
+        view = self.epoch - 1 if self.n_views is None else (self.epoch - 1) % self.n_views
+        return iter([(int(i), sample_seed(self.seed, int(i), view), view) for i in self._order()])
 
 
-def make_loader(items, cfg, train, device, seed=0, transform=None, sampler=None):
+def make_loader(items, cfg, train, device, seed=0, transform=None, sampler=None, cache=None, batch_size=None):
     """DataLoader over (path, label, group) items; test transform unless `sampler` gives training seeds."""
-    dataset = ImageDataset(items, transform or build_transform(cfg, train))
+    dataset = ImageDataset(items, transform or build_transform(cfg, train), cache)
     workers = max(0, min(cfg.NUM_WORKERS, os.cpu_count() or 1))
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.BATCH_SIZE,
+        batch_size=batch_size or cfg.BATCH_SIZE,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -917,6 +984,163 @@ def prepare_splits(cfg):
             raise UserError(f"The {name} set has no {missing} images; a detector needs both classes. "
                             f"Add a folder of {missing.split(' ')[0]} images next to the other one.")
     return train_items, val_items
+
+
+# --- the feature cache ------------------------------------------------------------------
+
+CACHE_FORMAT = 1
+EMPTY, FILLED, UNREADABLE = 0, 1, 2
+_TOKEN_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 as raw bits
+
+
+class FeatureCache:
+    """The frozen backbone's CLS tokens and the uint8 crop they came from, per (image, view), on disk.
+
+    Files in its folder, memory-mapped: pixels [N,V,3,S,S] uint8, tokens [N,V,n_blocks,width]
+    in the backbone's dtype, state [N,V] (empty/filled/unreadable) and a CRC32 per entry.
+    The folder name is a hash of everything an entry depends on (cache_key), so a changed
+    backbone, image file, crop or augmentation constant opens a new cache instead of serving
+    a stale one. An entry is used only when its state says filled AND its CRC matches, so an
+    entry half-written by a killed run, or damaged on disk, is recomputed, never used.
+    """
+
+    def __init__(self, folder, n_items, n_views, n_blocks, width, crop, token_dtype):
+        self.folder = Path(folder)
+        self.shapes = {"pixels": (n_items, n_views, 3, crop, crop), "tokens": (n_items, n_views, n_blocks, width),
+                       "state": (n_items, n_views), "crc": (n_items, n_views)}
+        self.dtypes = {"pixels": np.uint8, "tokens": _TOKEN_STORAGE[token_dtype], "state": np.uint8, "crc": np.uint32}
+        self.token_dtype = token_dtype
+        self._arrays, self._pid = None, None
+        self.damaged = 0
+
+    def entry_bytes(self):
+        return sum(int(np.prod(self.shapes[k][2:])) * np.dtype(self.dtypes[k]).itemsize for k in ("pixels", "tokens"))
+
+    def create_or_open(self):
+        """Make the files if they don't exist (or don't match); returns True when newly made."""
+        meta_path = self.folder / "meta.json"
+        meta = {"format": CACHE_FORMAT, "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "dtypes": {k: np.dtype(v).name for k, v in self.dtypes.items()}}
+        sizes_ok = meta_path.exists() and all(
+            (self.folder / f"{k}.bin").exists()
+            and (self.folder / f"{k}.bin").stat().st_size == int(np.prod(self.shapes[k])) * np.dtype(self.dtypes[k]).itemsize
+            for k in self.shapes)
+        if sizes_ok and json.loads(meta_path.read_text()) == meta:
+            return False
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta_path.unlink(missing_ok=True)
+        for name in self.shapes:  # sparse files: disk is used as entries are filled
+            np.memmap(self.folder / f"{name}.bin", dtype=self.dtypes[name], mode="w+", shape=self.shapes[name]).flush()
+        meta_path.write_text(json.dumps(meta))  # written last: a folder without it is rebuilt
+        return True
+
+    def _open(self):
+        if self._arrays is None or self._pid != os.getpid():  # each worker process maps the files itself
+            self._arrays = {k: np.memmap(self.folder / f"{k}.bin", dtype=self.dtypes[k], mode="r+", shape=self.shapes[k])
+                            for k in self.shapes}
+            self._pid = os.getpid()
+        return self._arrays
+
+    @staticmethod
+    def _crc(pixels, tokens):
+        return zlib.crc32(tokens.tobytes(), zlib.crc32(pixels.tobytes()))
+
+    def state(self, index, view):
+        return int(self._open()["state"][index, view])
+
+    def get(self, index, view):
+        """(uint8 pixels [3,S,S], float32 tokens [n,width]) of a valid entry, else None."""
+        arrays = self._open()
+        if arrays["state"][index, view] != FILLED:
+            return None
+        pixels, tokens = np.array(arrays["pixels"][index, view]), np.array(arrays["tokens"][index, view])
+        if self._crc(pixels, tokens) != arrays["crc"][index, view]:
+            self.damaged += 1
+            return None
+        tokens = torch.from_numpy(tokens.view(np.int16)).view(torch.bfloat16) if self.token_dtype == torch.bfloat16 \
+            else torch.from_numpy(tokens)
+        return torch.from_numpy(pixels), tokens.float()
+
+    def put(self, indices, views, pixels, tokens):
+        """Store computed entries: pixels uint8 [B,3,S,S], tokens [B,n,width] (float32 holding backbone-dtype values)."""
+        arrays = self._open()
+        stored = tokens.to(self.token_dtype)
+        stored = stored.view(torch.int16).numpy().view(np.uint16) if self.token_dtype == torch.bfloat16 else stored.numpy()
+        pixels = pixels.numpy()
+        for row, (index, view) in enumerate(zip(indices.tolist(), views.tolist())):
+            arrays["state"][index, view] = EMPTY  # invalid until pixels, tokens and CRC are all written
+            arrays["pixels"][index, view] = pixels[row]
+            arrays["tokens"][index, view] = stored[row]
+            arrays["crc"][index, view] = self._crc(pixels[row], stored[row])
+            arrays["state"][index, view] = FILLED
+
+    def filled_fraction(self, view=None):
+        state = self._open()["state"]
+        state = state if view is None else state[:, view]
+        return float((state == FILLED).mean())
+
+    def flush(self):
+        if self._arrays is not None:
+            for array in self._arrays.values():
+                array.flush()
+
+    def __getstate__(self):  # workers get the description, not the open maps
+        state = dict(self.__dict__)
+        state["_arrays"], state["_pid"] = None, None
+        return state
+
+
+def backbone_fingerprint(backbone):
+    """SHA-256 of the backbone's weights, dtype and chosen blocks: a new backbone never reads old tokens."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.clip.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps([str(backbone.clip.dtype), backbone.blocks]).encode())
+    return digest.hexdigest()
+
+
+def open_feature_cache(split_name, items, cfg, backbone, n_views, rank=0):
+    """The FeatureCache for one split, its folder keyed by everything its entries depend on."""
+    if backbone.patch_block is not None:
+        raise UserError("CACHE_FEATURES stores CLS tokens only; use it with SPECTRAL_INPUT='dct' (or turn the cache off).")
+    digest = hashlib.sha256(backbone_fingerprint(backbone).encode())
+    constants = {name: getattr(cfg, name) for name in ("CROP_SIZE", "BLUR_PROB", "BLUR_SIGMA_MAX", "JPEG_PROB",
+                                                         "JPEG_QUALITY_MIN", "SEED")}
+    digest.update(json.dumps([CACHE_FORMAT, split_name, n_views, constants], sort_keys=True).encode())
+    for path, label, _ in items:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+    root = Path(cfg.CACHE_DIR) if cfg.CACHE_DIR else Path(cfg.CHECKPOINT_DIR) / "cache"
+    cache = FeatureCache(root / f"{split_name}-{digest.hexdigest()[:16]}", len(items), n_views, len(backbone.blocks),
+                         backbone.width, cfg.CROP_SIZE, backbone.clip.dtype)
+    if rank == 0:
+        total = cache.entry_bytes() * len(items) * n_views
+        if cache.create_or_open():
+            print(f"feature cache for {split_name}: {cache.folder}, up to {total / 1e9:.2f} GB "
+                  f"({len(items)} images x {n_views} view(s) x {cache.entry_bytes() / 1e3:.0f} kB)")
+        else:
+            print(f"feature cache for {split_name}: {cache.folder}, {cache.filled_fraction():.0%} filled")
+    return cache
+
+
+def tokens_from_cache_or_backbone(model, batch, pixels, cache):
+    """CLS tokens for a batch: cached entries read, missing ones computed by the backbone and stored.
+
+    Returns None without a cache (the model then runs its backbone itself).
+    """
+    if cache is None:
+        return None
+    missing = ~batch.cached
+    if not missing.any():
+        return batch.tokens.to(pixels.device, non_blocking=True)
+    computed, _ = model.backbone(pixels[missing.to(pixels.device)])
+    cache.put(batch.indices[missing], batch.views[missing], batch.pixels[missing], computed.cpu())
+    if batch.tokens is None:
+        return computed
+    tokens = batch.tokens.to(pixels.device, non_blocking=True)
+    tokens[missing.to(pixels.device)] = computed
+    return tokens
 
 
 # --- the demo's generated data ---------------------------------------------------------
@@ -1048,30 +1272,31 @@ def threshold_for_fpr(real_probs, target_fpr):
     return float(np.nextafter(descending[allowed], np.inf))
 
 
-def model_probabilities(model, pixels):
+def model_probabilities(model, pixels, cls_tokens=None):
     """P(fake) for [B,3,H,W], or the mean over crops for [B,n_crops,3,H,W] (TenCrop)."""
     if pixels.dim() == 5:
         batch, crops = pixels.shape[:2]
         logits, _ = model(pixels.flatten(0, 1))
         return torch.sigmoid(logits.float()).view(batch, crops).mean(dim=1)
-    logits, _ = model(pixels)
+    logits, _ = model(pixels, cls_tokens)
     return torch.sigmoid(logits.float())
 
 
 @torch.inference_mode()
-def score_loader(model, loader, device, amp_dtype):
+def score_loader(model, loader, device, amp_dtype, cache=None):
     """Run the model over a loader: (indices, labels, P(fake), summed BCE, bad) with bad = [(index, error)]."""
     model.eval()
     all_indices, all_labels, all_probs = [], [], []
     bce_total, all_bad = torch.zeros((), device=device), []
-    for pixels, labels, indices, bad in loader:
-        all_bad += bad
-        if pixels is None:
+    for batch in loader:
+        all_bad += batch.bad
+        if batch.pixels is None:
             continue
-        pixels = pixels.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+        pixels = normalise_uint8(batch.pixels.to(device, non_blocking=True))
+        labels, indices = batch.labels.to(device, non_blocking=True), batch.indices
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            probs = model_probabilities(model, pixels)
+            tokens = tokens_from_cache_or_backbone(model, batch, pixels, cache)
+            probs = model_probabilities(model, pixels, tokens)
         bce_total += F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels, reduction="sum")
         all_indices.append(indices)
         all_labels.append(labels.cpu())
@@ -1396,7 +1621,8 @@ def predict(model, images, batch_size=32, tencrop=False):
     model.eval()
     probabilities = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.stack([transform(load_rgb(image)) for image in images[start:start + batch_size]]).to(device)
+        pixels = torch.stack([transform(load_rgb(image)) for image in images[start:start + batch_size]])
+        pixels = normalise_uint8(pixels.to(device))
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             probabilities.append(model_probabilities(model, pixels).cpu())
     return torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
@@ -1406,11 +1632,9 @@ def predict(model, images, batch_size=32, tencrop=False):
 # Training
 # =====================================================================================
 
-def build_model(cfg, device):
-    """The detector on `device`, frozen backbone cast once to the autocast dtype on GPUs."""
-    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
-    backbone_dtype = amp_dtype if device.type == "cuda" else None
-    return RINEPlusSSCA(cfg, backbone_dtype).to(device)
+def build_model(cfg, device, **backbone_options):
+    """The detector on `device`, its frozen backbone cast once to the mixed-precision dtype."""
+    return RINEPlusSSCA(cfg, resolve_amp_dtype(cfg.AMP, device), **backbone_options).to(device)
 
 
 def validate_config(cfg):
@@ -1501,22 +1725,58 @@ def nonfinite_error(epoch, step, cfg, last_path):
                      f"or try --amp off; {last_path} still holds the last good state.")
 
 
+def setup_distributed(cfg):
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL with one GPU per process, gloo on the CPU. Other ranks print nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, resolve_device(cfg.DEVICE)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and cfg.DEVICE != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank()
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints and saves
+    if cfg.BATCH_SIZE % world_size:
+        raise UserError(f"BATCH_SIZE={cfg.BATCH_SIZE} must be divisible by the {world_size} processes (it is the global batch).")
+    return rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def gather_scores(indices, labels, probs, bce_sum, world_size):
+    """Validation results of all processes, concatenated (identity in a single process)."""
+    if world_size == 1:
+        return indices, labels, probs, bce_sum
+    import torch.distributed as dist
+
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, (indices, labels, probs, bce_sum))
+    return (np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]),
+            np.concatenate([g[2] for g in gathered]), sum(g[3] for g in gathered))
+
+
 def train(cfg):
     """Train with the configuration; returns the path of the best checkpoint."""
     from tqdm import tqdm
 
     validate_config(cfg)
+    rank, world_size, device = setup_distributed(cfg)
     seed_everything(cfg.SEED)
     configure_determinism(cfg.DETERMINISTIC)
-    device = resolve_device(cfg.DEVICE)
     amp_dtype = resolve_amp_dtype(cfg.AMP, device)
 
     train_items, val_items = prepare_splits(cfg)
+    if world_size > 1 and len(train_items) < cfg.BATCH_SIZE:
+        raise UserError(f"{len(train_items)} training images are fewer than one batch of {cfg.BATCH_SIZE}; lower --batch-size.")
     model = build_model(cfg, device)
     counts = trainable_parameter_counts(model)
     print(f"\nmodel: {sum(counts.values()):,} trainable parameters ("
           + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + "); backbone frozen")
-    print(f"device: {device}, mixed precision: {amp_dtype or 'off'}, batch size {cfg.BATCH_SIZE}, {cfg.EPOCHS} epoch(s)\n")
+    print(f"device: {device}{f' x {world_size} processes' if world_size > 1 else ''}, mixed precision: "
+          f"{amp_dtype or 'off'}, batch size {cfg.BATCH_SIZE}, {cfg.EPOCHS} epoch(s)\n")
 
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.LR, weight_decay=cfg.WEIGHT_DECAY)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -1529,12 +1789,32 @@ def train(cfg):
         best_metrics, resumed_sums = state["best_metrics"], state["epoch_sums"].to(device)
         print(f"resuming from {last_path}: epoch {start_epoch}, after step {start_step}\n")
 
+    train_cache = val_cache = None
+    if cfg.CACHE_FEATURES:
+        train_cache = open_feature_cache("train", train_items, cfg, model.backbone, cfg.CACHE_VIEWS, rank)
+        val_cache = open_feature_cache("val", val_items, cfg, model.backbone, 1, rank)
+        if world_size > 1:
+            torch.distributed.barrier()  # rank 0 has made the files
     # A last tiny batch would give SupCon few pairs and BatchNorm noisy statistics.
-    sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE, drop_last=len(train_items) > cfg.BATCH_SIZE)
-    train_loader = make_loader(train_items, cfg, train=True, device=device, sampler=sampler)
-    val_loader = make_loader(val_items, cfg, train=False, device=device)
+    sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE, drop_last=len(train_items) > cfg.BATCH_SIZE,
+                                 n_views=cfg.CACHE_VIEWS if cfg.CACHE_FEATURES else None, rank=rank, world_size=world_size)
+    local_batch = cfg.BATCH_SIZE // world_size
+    train_loader = make_loader(train_items, cfg, train=True, device=device, sampler=sampler, cache=train_cache,
+                               batch_size=local_batch)
+    val_shard = val_items[rank::world_size]
+    val_loader = make_loader(val_shard, cfg, train=False, device=device, cache=val_cache)
     train_bad = BadImageLog("training", train_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
     val_bad = BadImageLog("validation", val_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
+
+    step_model = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # With XI = 0 the SupCon projection gets no gradient; DDP must be told to expect that.
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                             find_unused_parameters=cfg.XI == 0)
+    if cfg.COMPILE:
+        step_model = torch.compile(step_model)
 
     epoch, step = start_epoch, start_step
     sums = resumed_sums if resumed_sums is not None else torch.zeros(3, device=device)
@@ -1547,18 +1827,21 @@ def train(cfg):
             sampler.set_epoch(epoch, start_batch=step)
             model.train()
             first_nonfinite_step = torch.full((), -1, device=device)
-            progress = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step,
-                            total=sampler.batches_per_epoch(), leave=False, dynamic_ncols=True)
-            for pixels, labels, _, bad in progress:
-                train_bad.add(bad, write=progress.write)
-                if pixels is not None:
-                    pixels = normalise_uint8(pixels.to(device, non_blocking=True))
-                    labels = labels.to(device, non_blocking=True)
+            progress = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step, total=sampler.batches_per_epoch(),
+                            leave=False, dynamic_ncols=True, disable=rank != 0)
+            for batch in progress:
+                train_bad.add(batch.bad, write=progress.write)
+                if batch.pixels is not None:
+                    pixels = normalise_uint8(batch.pixels.to(device, non_blocking=True))
+                    labels = batch.labels.to(device, non_blocking=True)
                     with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits, features = model(pixels)
+                        tokens = tokens_from_cache_or_backbone(model, batch, pixels, train_cache)
+                        logits, features = step_model(pixels, tokens)
                     bce = bce_loss_sum(logits, labels)
                     supcon = supervised_contrastive_loss(features, labels, cfg.SUPCON_TEMPERATURE) if cfg.XI > 0 else bce * 0
-                    loss = bce + cfg.XI * supcon
+                    # DDP averages gradients over processes; scaling the per-process BCE sum by their
+                    # number makes it the gradient of the global batch's BCE sum, as in one process.
+                    loss = bce * world_size + cfg.XI * supcon
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
@@ -1571,19 +1854,30 @@ def train(cfg):
                 step += 1
                 at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
                 if step % cfg.LOG_EVERY == 0 or at_save_step:
+                    if world_size > 1:
+                        torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
                     if first_nonfinite_step.item() >= 0:
                         raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
                     bce_avg, supcon_avg = (sums[:2] / sums[2].clamp(min=1)).tolist()
                     progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
-                if at_save_step:
+                if at_save_step and rank == 0:
                     save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
             progress.close()
+            if world_size > 1:
+                torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
+                torch.distributed.all_reduce(sums)  # losses of the whole global batch
+                for buffer in model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
+                    torch.distributed.broadcast(buffer, 0)
             if first_nonfinite_step.item() >= 0:
                 raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
             n_images = max(sums[2].item(), 1.0)
 
-            indices, labels, probs, val_bce_sum, bad = score_loader(model, val_loader, device, amp_dtype)
+            indices, labels, probs, val_bce_sum, bad = score_loader(model, val_loader, device, amp_dtype, val_cache)
             val_bad.add(bad)
+            indices, labels, probs, val_bce_sum = gather_scores(indices, labels, probs, val_bce_sum, world_size)
+            for cache in (train_cache, val_cache):
+                if cache is not None:
+                    cache.flush()
             metrics = binary_metrics(labels, probs, cfg.THRESHOLD)
             metrics.update(epoch=epoch, train_bce=sums[0].item() / n_images, train_supcon=sums[1].item() / n_images,
                            val_bce=val_bce_sum / max(len(labels), 1),
@@ -1594,23 +1888,35 @@ def train(cfg):
             marker = ""
             if is_better(cfg.SELECT_METRIC, metrics, best_metrics):
                 best_metrics = metrics
-                atomic_torch_save(make_checkpoint(model, epoch, metrics, history), best_path)
+                if rank == 0:
+                    atomic_torch_save(make_checkpoint(model, epoch, metrics, history), best_path)
                 marker = f"  <- best {cfg.SELECT_METRIC}, saved {best_path}"
             step, sums = 0, torch.zeros(3, device=device)
-            save_last(last_path, model, optimizer, scaler, epoch + 1, 0, history, best_metrics, sums)
+            if rank == 0:
+                save_last(last_path, model, optimizer, scaler, epoch + 1, 0, history, best_metrics, sums)
             print(f"epoch {epoch}: train bce {metrics['train_bce']:.4f} supcon {metrics['train_supcon']:.4f} | "
                   f"val bce {metrics['val_bce']:.4f} acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} "
                   f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
     except KeyboardInterrupt:
-        save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
+        if rank == 0:
+            save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
         raise UserError(f"Interrupted at epoch {epoch}, step {step}; saved {last_path}. Continue with --resume.")
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"CUDA ran out of memory at batch size {cfg.BATCH_SIZE}. Lower --batch-size (e.g. "
                         f"{max(1, cfg.BATCH_SIZE // 2)}) or --proj-dim, or use fewer --blocks; close other programs on the GPU.")
+    finally:
+        for cache in (train_cache, val_cache):
+            if cache is not None:
+                cache.flush()
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    if train_cache is not None and train_cache.damaged + val_cache.damaged:
+        print(f"feature cache: {train_cache.damaged + val_cache.damaged} damaged entries were recomputed")
     print()
     print_block_importance(model)
-    plot_training_curves(history, checkpoint_dir / "training_curves.png")
-    plot_block_importance(model, checkpoint_dir / "tie_block_importance.png")
+    if rank == 0:
+        plot_training_curves(history, checkpoint_dir / "training_curves.png")
+        plot_block_importance(model, checkpoint_dir / "tie_block_importance.png")
     print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}")
     print(f"\nvalidation, every epoch (train losses per image; best by {cfg.SELECT_METRIC} saved to {best_path}):")
     print(format_table(HISTORY_COLUMNS, [history_row(m) for m in history]))

@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny CLIP-architecture backbone, small configs, generated image trees.
+
+Everything runs on the CPU, offline, inside pytest's tmp folders: nothing is written to the
+repository's data/ or checkpoints/, and no model weights are downloaded.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# One intra-op thread, here and in every subprocess: on a small shared CPU, OpenMP threads
+# competing with DataLoader workers or other processes make conv backward 100x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "rine_plus_ssca.py"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Any accidental attempt to reach the HuggingFace Hub fails fast instead of hanging/downloading.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import rine_plus_ssca as rps  # noqa: E402
+
+# Tiny ViT with CLIP's architecture: 4 blocks, width 64, 7x7 patch grid at 224x224.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            image_size=224, patch_size=32, projection_dim=64)
+
+
+def save_tiny_backbone(folder, seed=0, **overrides):
+    """Random CLIPVisionModel saved with save_pretrained, loaded later through from_pretrained."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    CLIPVisionModel(CLIPVisionConfig(**{**TINY, **overrides})).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+    return save_tiny_backbone(tmp_path_factory.mktemp("backbone") / "tiny_clip", seed=0)
+
+
+def small_config(backbone, **overrides):
+    """default_config() with small widths, CPU, no worker processes; overrides win."""
+    cfg = rps.default_config()
+    cfg.CLIP_MODEL = backbone
+    cfg.PROJ_DIM, cfg.SPEC_CHANNELS, cfg.FUSION_DIM, cfg.FUSION_HEADS = 32, 16, 32, 4
+    cfg.NUM_WORKERS, cfg.BATCH_SIZE, cfg.DEVICE, cfg.AMP = 0, 8, "cpu", "off"
+    cfg.PATCH_BLOCK = 2  # the tiny backbone has 4 blocks
+    cfg.LOG_EVERY = 1
+    for name, value in overrides.items():
+        assert name in rps.CONFIG_NAMES, name  # a typo here must not silently do nothing
+        setattr(cfg, name, value)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tiny_backbone):
+    return lambda **overrides: small_config(tiny_backbone, **overrides)
+
+
+def clip_pixels(batch, seed=0, size=224):
+    """A batch shaped like CLIP-normalised images."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def write_demo_tree(root, layout, seed=0, label_folders=("0_real", "1_fake"), size=256):
+    """root/<split>/<generator>/<real|fake folder>/*.png from make_demo_image; layout: split -> {gen: n per class}."""
+    rng = np.random.default_rng(seed)
+    for split, generators in layout.items():
+        for generator, count in generators.items():
+            for label_folder, fake in zip(label_folders, (False, True)):
+                folder = Path(root) / split / generator / label_folder
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(count):
+                    method = generator if generator in ("nearest", "bilinear", "transposed_conv") else "bilinear"
+                    Image.fromarray(rps.make_demo_image(rng, fake, method, size)).save(folder / f"{i:04d}.png")
+    return Path(root)
+
+
+def run_script(args, cwd, timeout=900, env_extra=None):
+    """`python /abs/rine_plus_ssca.py ARGS` in cwd (a tmp folder), captured."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def nonempty_lines(text):
+    return [line for line in text.splitlines() if line.strip()]

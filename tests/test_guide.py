@@ -1,0 +1,191 @@
+"""The guides must stay true to the script.
+
+docs/GUIDE.md, docs/GUIDE.zh-CN.md and README.zh-CN.md name constants, options and commands in
+inline code and code blocks. Each of those names must exist: constants in CONFIG_NAMES, options in
+the --help of the command they are used with, commands in the script's command table. The two
+guides must also keep the same sections and both show the model as a Mermaid diagram.
+"""
+
+import re
+
+import pytest
+
+import rine_plus_ssca as rps
+from conftest import REPO, run_script
+
+GUIDES = [REPO / "docs" / "GUIDE.md", REPO / "docs" / "GUIDE.zh-CN.md"]
+CHINESE_README = REPO / "README.zh-CN.md"
+DOCUMENTS = GUIDES + [CHINESE_README]
+
+# UPPER_CASE names the documents may show that are not configuration constants.
+NOT_CONSTANTS = {
+    "CUDA",  # the GPU platform
+    "HF_ENDPOINT",  # environment variable read by huggingface_hub (mirror)
+    "HF_HUB_OFFLINE",  # environment variable read by huggingface_hub (no network)
+    "CUBLAS_WORKSPACE_CONFIG",  # environment variable set by DETERMINISTIC
+    "OMP_NUM_THREADS",  # environment variable: CPU threads per process
+    "CONFIG_NAMES",  # the script's list of constants
+}
+
+COMMAND_NAMES = ("eval", "predict", "check-data", "export")
+SCRIPT = "rine_plus_ssca.py"
+
+
+# --------------------------------------------------------------------------- reading Markdown
+
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+INLINE = re.compile(r"(`+)(.+?)\1", re.S)
+
+
+def code_blocks(text):
+    """[(language, body)] for every fenced block."""
+    return [(match.group(1).strip(), match.group(2)) for match in FENCE.finditer(text)]
+
+
+def inline_spans(text):
+    """Every inline code span outside fenced blocks."""
+    return [match.group(2).strip() for match in INLINE.finditer(FENCE.sub("", text))]
+
+
+def code_lines(text):
+    """Inline spans, then code-block lines (backslash continuations joined)."""
+    lines = inline_spans(text)
+    for _, body in code_blocks(text):
+        lines += body.replace("\\\n", " ").splitlines()
+    return lines
+
+
+@pytest.fixture(scope="module", params=DOCUMENTS, ids=lambda path: path.name)
+def document(request):
+    path = request.param
+    assert path.is_file(), f"{path} is missing"
+    return path, path.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- constants
+
+WORD = re.compile(r"(?<![A-Za-z0-9_.\-/])([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+|[A-Z][A-Z0-9]+)(?![A-Za-z0-9_])")
+
+
+def constant_like_names(text):
+    """UPPER_CASE names in code that look like configuration constants.
+
+    A name with an underscore (PROJ_DIM, HF_ENDPOINT) always counts. A single word (XI, LR,
+    EPOCHS) counts when it is a whole inline span or is assigned (XI=0, XI = 0.2); otherwise
+    it is taken for an acronym (CLIP, DCT, BCE) in a diagram or a printed message.
+    """
+    names = set()
+    for span in inline_spans(text):
+        if re.fullmatch(r"[A-Z][A-Z0-9_]+", span):
+            names.add(span)
+    for line in code_lines(text):
+        for match in WORD.finditer(line):
+            name = match.group(1)
+            rest = line[match.end():]
+            if "_" in name or re.match(r"\s*=", rest):
+                names.add(name)
+    return names
+
+
+def test_every_constant_named_exists(document):
+    path, text = document
+    names = constant_like_names(text)
+    unknown = sorted(names - set(rps.CONFIG_NAMES) - NOT_CONSTANTS)
+    assert not unknown, f"{path.name} names constants that rine_plus_ssca.py does not have: {unknown}"
+
+
+def test_the_constants_documented_are_found():
+    # The extraction itself must work: the English guide names the main constants.
+    names = constant_like_names(GUIDES[0].read_text(encoding="utf-8"))
+    for name in ("PROJ_DIM", "XI", "BLOCKS", "USE_TIE", "SUPCON_TEMPERATURE", "SELECT_METRIC"):
+        assert name in names, name
+
+
+# --------------------------------------------------------------------------- options and commands
+
+OPTION = re.compile(r"(?<![A-Za-z0-9_\-])(--[a-z][a-z0-9\-]*)")
+
+
+@pytest.fixture(scope="module")
+def help_options(tmp_path_factory):
+    """{command or 'train': set of option strings in its --help}."""
+    options = {}
+    for command in ("train",) + COMMAND_NAMES:
+        argv = ["--help"] if command == "train" else [command, "--help"]
+        result = run_script(argv, cwd=tmp_path_factory.mktemp("help"), env_extra={"COLUMNS": "10000"})
+        assert result.returncode == 0, result.stderr
+        options[command] = set(OPTION.findall(result.stdout))
+    return options
+
+
+def command_of(line):
+    """For a line that runs the script: the command name ('train' when none); else None."""
+    match = re.search(re.escape(SCRIPT) + r"(?:\s+(\S+))?", line)
+    if not match:
+        return None
+    word = match.group(1) or ""
+    return word if re.fullmatch(r"[a-z][a-z\-]*", word) else "train"
+
+
+def test_every_command_named_exists(document):
+    path, text = document
+    for line in code_lines(text):
+        command = command_of(line)
+        if command is not None and command != "train":
+            assert command in rps.COMMANDS, f"{path.name}: unknown command {command!r} in {line!r}"
+
+
+def test_every_option_named_exists(document, help_options):
+    path, text = document
+    every_option = set().union(*help_options.values())
+    for line in code_lines(text):
+        command = command_of(line)
+        if command is not None:
+            line = line[line.index(SCRIPT):]
+            allowed = help_options.get(command, set())
+            where = f"`python {SCRIPT} {'' if command == 'train' else command + ' '}--help`"
+        elif line.startswith("--"):  # an option on its own, e.g. `--no-use-tie`
+            allowed, where = every_option, "any --help of the script"
+        else:  # another program's command line (pip, pytest, git)
+            continue
+        for option in OPTION.findall(line):
+            assert option in allowed, f"{path.name}: {option} (in {line!r}) is not in {where}"
+
+
+def test_option_values_are_among_the_choices(document):
+    # `--fusion concat`, `--select-metric ap`: a value outside CHOICES would be refused by the script.
+    path, text = document
+    for line in code_lines(text):
+        for name, allowed in rps.CHOICES.items():
+            for value in re.findall(re.escape("--" + name.lower().replace("_", "-")) + r"[ =]([A-Za-z0-9_]+)", line):
+                assert value in allowed, f"{path.name}: {value!r} is not a choice of {name} {allowed} in {line!r}"
+
+
+def test_the_options_documented_are_found(help_options):
+    text = GUIDES[0].read_text(encoding="utf-8")
+    found = {option for line in code_lines(text) for option in OPTION.findall(line)}
+    for option in ("--no-use-spectral", "--no-use-tie", "--fusion", "--xi", "--spectral-input", "--lr"):
+        assert option in found, option
+    for command in COMMAND_NAMES:
+        assert any(command_of(line) == command for line in code_lines(text)), f"no example of {command}"
+
+
+# --------------------------------------------------------------------------- structure
+
+def level2_headings(text):
+    return re.findall(r"^## .+$", FENCE.sub("", text), re.M)
+
+
+def test_both_guides_have_the_same_sections_and_a_diagram():
+    english, chinese = (path.read_text(encoding="utf-8") for path in GUIDES)
+    assert len(level2_headings(english)) == len(level2_headings(chinese)), (
+        level2_headings(english), level2_headings(chinese))
+    assert len(level2_headings(english)) >= 7
+    for path, text in zip(GUIDES, (english, chinese)):
+        assert any(language == "mermaid" for language, _ in code_blocks(text)), f"{path.name} has no mermaid block"
+
+
+def test_chinese_readme_links_to_the_chinese_guide():
+    text = CHINESE_README.read_text(encoding="utf-8")
+    assert "docs/GUIDE.zh-CN.md" in text
+    assert "HF_ENDPOINT" in text and "--demo" in text
