@@ -97,7 +97,7 @@ JPEG_QUALITY_MIN = 30  # JPEG quality ~ U{JPEG_QUALITY_MIN..100}
 
 # --- machine ---
 DEVICE = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
-AMP = "auto"  # mixed precision: "auto" (bf16 on GPUs with it, else fp16; off on CPU), "bf16", "fp16", "off"
+AMP = "auto"  # mixed precision: "auto" (GPU: bf16, or fp16 on GPUs without bf16; CPU: bf16 backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"
 NUM_WORKERS = 8  # data-loading processes (capped at the number of CPU cores)
 SEED = 0  # seeds Python, NumPy and torch (and the hold-out split)
 LOG_EVERY = 20  # steps between progress-bar loss updates (each update syncs with the GPU)
@@ -180,8 +180,8 @@ def cpu_has_fast_bf16():
 def resolve_amp_dtype(amp, device):
     """The mixed-precision dtype for this device, or None for full float32.
 
-    auto: bf16 on GPUs that have it, else fp16 (with a GradScaler); on the CPU bf16 only where
-    the CPU has bf16 instructions (measured: benchmarks/throughput.py), else float32.
+    auto: bf16 on GPUs that have it, else fp16 (with a GradScaler); on the CPU bf16 for the
+    backbone only, where the CPU has bf16 instructions (measured: benchmarks/throughput.py).
     """
     if amp == "off":
         return None
@@ -190,6 +190,12 @@ def resolve_amp_dtype(amp, device):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def head_autocast(device, amp_dtype):
+    """Autocast for the trainable head: on GPUs only. On the CPU only the backbone runs in bf16
+    (measured: bf16 makes the backbone ~7x faster there, but the head's attention several times slower)."""
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None and device.type == "cuda")
 
 
 def atomic_torch_save(obj, path):
@@ -1294,7 +1300,7 @@ def score_loader(model, loader, device, amp_dtype, cache=None):
             continue
         pixels = normalise_uint8(batch.pixels.to(device, non_blocking=True))
         labels, indices = batch.labels.to(device, non_blocking=True), batch.indices
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with head_autocast(device, amp_dtype):
             tokens = tokens_from_cache_or_backbone(model, batch, pixels, cache)
             probs = model_probabilities(model, pixels, tokens)
         bce_total += F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels, reduction="sum")
@@ -1623,7 +1629,7 @@ def predict(model, images, batch_size=32, tencrop=False):
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([transform(load_rgb(image)) for image in images[start:start + batch_size]])
         pixels = normalise_uint8(pixels.to(device))
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with head_autocast(device, amp_dtype):
             probabilities.append(model_probabilities(model, pixels).cpu())
     return torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
 
@@ -1758,6 +1764,28 @@ def gather_scores(indices, labels, probs, bce_sum, world_size):
             np.concatenate([g[2] for g in gathered]), sum(g[3] for g in gathered))
 
 
+def training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype, cache=None, world_size=1):
+    """One optimizer step on a collated batch; returns detached (BCE sum, SupCon, loss) on the device, no sync.
+
+    step_model is the model as trained (wrapped by DDP or torch.compile, or the model itself).
+    """
+    pixels = normalise_uint8(batch.pixels.to(device, non_blocking=True))
+    labels = batch.labels.to(device, non_blocking=True)
+    with head_autocast(device, amp_dtype):
+        tokens = tokens_from_cache_or_backbone(model, batch, pixels, cache)
+        logits, features = step_model(pixels, tokens)
+    bce = bce_loss_sum(logits, labels)
+    supcon = supervised_contrastive_loss(features, labels, cfg.SUPCON_TEMPERATURE) if cfg.XI > 0 else bce * 0
+    # DDP averages gradients over processes; scaling the per-process BCE sum by their number
+    # makes it the gradient of the global batch's BCE sum, as in one process.
+    loss = bce * world_size + cfg.XI * supcon
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return bce.detach(), supcon.detach(), loss.detach()
+
+
 def train(cfg):
     """Train with the configuration; returns the path of the best checkpoint."""
     from tqdm import tqdm
@@ -1832,25 +1860,13 @@ def train(cfg):
             for batch in progress:
                 train_bad.add(batch.bad, write=progress.write)
                 if batch.pixels is not None:
-                    pixels = normalise_uint8(batch.pixels.to(device, non_blocking=True))
-                    labels = batch.labels.to(device, non_blocking=True)
-                    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        tokens = tokens_from_cache_or_backbone(model, batch, pixels, train_cache)
-                        logits, features = step_model(pixels, tokens)
-                    bce = bce_loss_sum(logits, labels)
-                    supcon = supervised_contrastive_loss(features, labels, cfg.SUPCON_TEMPERATURE) if cfg.XI > 0 else bce * 0
-                    # DDP averages gradients over processes; scaling the per-process BCE sum by their
-                    # number makes it the gradient of the global batch's BCE sum, as in one process.
-                    loss = bce * world_size + cfg.XI * supcon
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                    bce, supcon, loss = training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype,
+                                                      train_cache, world_size)
                     # Remember the first bad step without a GPU sync; it is read at log steps.
-                    is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss.detach())
+                    is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
                     first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
-                    sums += torch.stack([bce.detach(), supcon.detach() * len(labels),
-                                         torch.tensor(float(len(labels)), device=device)])
+                    n_images = torch.tensor(float(len(batch.labels)), device=device)
+                    sums += torch.stack([bce, supcon * n_images, n_images])
                 step += 1
                 at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
                 if step % cfg.LOG_EVERY == 0 or at_save_step:
@@ -1870,7 +1886,7 @@ def train(cfg):
                     torch.distributed.broadcast(buffer, 0)
             if first_nonfinite_step.item() >= 0:
                 raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
-            n_images = max(sums[2].item(), 1.0)
+            n_seen = max(sums[2].item(), 1.0)
 
             indices, labels, probs, val_bce_sum, bad = score_loader(model, val_loader, device, amp_dtype, val_cache)
             val_bad.add(bad)
@@ -1879,7 +1895,7 @@ def train(cfg):
                 if cache is not None:
                     cache.flush()
             metrics = binary_metrics(labels, probs, cfg.THRESHOLD)
-            metrics.update(epoch=epoch, train_bce=sums[0].item() / n_images, train_supcon=sums[1].item() / n_images,
+            metrics.update(epoch=epoch, train_bce=sums[0].item() / n_seen, train_supcon=sums[1].item() / n_seen,
                            val_bce=val_bce_sum / max(len(labels), 1),
                            skipped_train=len(train_bad.bad), skipped_val=len(val_bad.bad))
             history.append(metrics)
