@@ -154,12 +154,14 @@ def default_config():
 
 
 def seed_everything(seed):
+    """Seed Python, NumPy and torch (data workers get per-sample seeds from SeededEpochSampler)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def resolve_device(name):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:1' -> torch.device, refusing CUDA when there is none."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -1325,6 +1327,7 @@ def format_table(columns, rows):
 
 
 def format_markdown_table(columns, rows):
+    """The same table as format_table, as Markdown."""
     lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -1644,6 +1647,7 @@ def build_model(cfg, device, **backbone_options):
 
 
 def validate_config(cfg):
+    """Refuse impossible constant values with a one-line UserError before anything is loaded."""
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}.")
@@ -1662,6 +1666,7 @@ def validate_config(cfg):
 
 
 def print_block_importance(model, top=5):
+    """Print the `top` CLIP blocks by TIE importance (RINE's finding: intermediate blocks matter)."""
     weights = model.block_importance()
     order = torch.argsort(weights, descending=True)[:top]
     ranked = ", ".join(f"block {model.backbone.blocks[i]}: {weights[i]:.3f}" for i in order.tolist())
@@ -1727,6 +1732,7 @@ def restore_last(path, cfg, model, optimizer, scaler):
 
 
 def nonfinite_error(epoch, step, cfg, last_path):
+    """The UserError for a NaN/inf loss, naming where it happened."""
     return UserError(f"The loss became non-finite (NaN/inf) at epoch {epoch}, step {step}. Lower LR (now {cfg.LR}) "
                      f"or try --amp off; {last_path} still holds the last good state.")
 
@@ -1943,6 +1949,7 @@ HISTORY_COLUMNS = ["epoch", "train_bce", "train_supcon", "val_bce", "acc", "ap",
 
 
 def history_row(metrics):
+    """One epoch's metrics as a row of HISTORY_COLUMNS."""
     return [metrics["epoch"]] + [float(metrics[c]) for c in HISTORY_COLUMNS[1:]]
 
 
@@ -1965,6 +1972,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def option_name(constant):
+    """BATCH_SIZE -> --batch-size."""
     return "--" + constant.lower().replace("_", "-")
 
 
@@ -1979,6 +1987,7 @@ def constant_help():
 
 
 def build_train_parser():
+    """Training options: one per constant at the top of the file, plus --demo and --debug."""
     parser = OneLineErrorParser(
         prog="rine_plus_ssca.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
         description="Train RINE+SSCA (default), or run a command: eval, predict, check-data, export (e.g. `rine_plus_ssca.py eval --help`). Every constant at the top of the file is an option.",
@@ -2022,6 +2031,7 @@ def number_list(kind):
 
 
 def build_eval_parser():
+    """Options of the eval command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py eval", allow_abbrev=False,
                                 description="Evaluate a checkpoint: one row per generator folder, plus a mean row.")
     add_model_options(parser)
@@ -2037,6 +2047,7 @@ def build_eval_parser():
 
 
 def build_predict_parser():
+    """Options of the predict command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py predict", allow_abbrev=False,
                                 description="P(fake) and a verdict for each of your images.")
     add_model_options(parser)
@@ -2149,6 +2160,7 @@ def run_predict(args):
 
 
 def build_check_data_parser():
+    """Options of the check-data command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py check-data", allow_abbrev=False,
                                 description="Scan a folder tree without training: unreadable, tiny and unlabeled files, label counts.")
     parser.add_argument("--data", required=True, help="folder to scan, e.g. data/train or data")
@@ -2203,6 +2215,7 @@ def run_check_data(args):
 
 
 def build_export_parser():
+    """Options of the export command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py export", allow_abbrev=False,
                                 description="Write a checkpoint's trainable weights as safetensors (config in its metadata).")
     parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth)")
@@ -2212,6 +2225,7 @@ def build_export_parser():
 
 
 def run_export(args):
+    """The export command: trainable weights to safetensors, config and metrics as JSON metadata."""
     from safetensors.torch import save_file
 
     checkpoint = read_checkpoint(args.ckpt)
@@ -2230,6 +2244,7 @@ def _stop_like_ctrl_c(signum, frame):
 
 
 def run_demo(cfg):
+    """The offline demo: generated data, a tiny random backbone, training, a per-generator test table."""
     started = time.time()
     print("DEMO: generated images and a tiny, randomly initialised CLIP-shaped backbone, all offline.\n"
           "It proves the pipeline runs end to end; it says nothing about how well the detector works on real images.\n")
@@ -2258,6 +2273,7 @@ COMMANDS = {
 
 
 def main(argv=None):
+    """Command-line entry point; returns the exit code (1 for a user mistake, printed as one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
