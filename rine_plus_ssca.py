@@ -595,7 +595,7 @@ def trainable_parameter_counts(model):
 
 
 # =====================================================================================
-# Data: labels from folder names, augmentation, loaders, demo data
+# Data: labels from folder names, augmentation, loaders
 # =====================================================================================
 
 REAL_FOLDER_NAMES = {"0_real", "real", "nature"}
@@ -994,7 +994,9 @@ def prepare_splits(cfg):
     return train_items, val_items
 
 
-# --- the feature cache ------------------------------------------------------------------
+# =====================================================================================
+# Feature cache: the frozen backbone's tokens, computed once per (image, view)
+# =====================================================================================
 
 CACHE_FORMAT = 1
 EMPTY, FILLED, UNREADABLE = 0, 1, 2
@@ -1151,7 +1153,9 @@ def tokens_from_cache_or_backbone(model, batch, pixels, cache):
     return tokens
 
 
-# --- the demo's generated data ---------------------------------------------------------
+# =====================================================================================
+# Demo data: generated 'photos' and 'generator' images, and a tiny backbone
+# =====================================================================================
 
 def _natural_image(rng, size):
     """A 'photo': 1/f^2 power spectrum (natural-image statistics), mixed colours, sensor noise."""
