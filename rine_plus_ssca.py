@@ -79,7 +79,7 @@ SPECTRAL_INPUT = "dct"  # "dct" (8x8 block DCT of the pixels) or "clip_patches" 
 PATCH_BLOCK = 12  # block whose patch tokens feed the spectral branch when SPECTRAL_INPUT="clip_patches"
 
 # --- loss and optimisation ---
-XI = 0.2  # weight of SupCon; BCE is summed over the batch as in RINE, so RINE's grid {0.1,0.2,0.4,0.8} applies; 0 = no SupCon
+XI = 0.2  # weight of SupCon; BCE is summed over the batch as in RINE, so at RINE's batch size 128 its grid {0.1,0.2,0.4,0.8} means the same; 0 = no SupCon
 SUPCON_TEMPERATURE = 0.07  # SupCon temperature (Khosla et al.); 0.05-0.2
 LR = 1e-3  # Adam learning rate (RINE: 1e-3)
 WEIGHT_DECAY = 0.0  # Adam weight decay
@@ -281,6 +281,10 @@ def load_clip_vision(name, dtype=None, attn_implementation="sdpa"):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough
+    looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_like_path and not Path(name).expanduser().is_dir():
+        raise UserError(f"No backbone folder {name}. Set CLIP_MODEL / --clip-model to a folder saved with save_pretrained "
+                        "(or to a HuggingFace id such as openai/clip-vit-large-patch14).")
     try:
         return CLIPVisionModel.from_pretrained(name, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
     except Exception as error:  # network, cache, or a folder without weights: all fixed the same ways
@@ -364,7 +368,7 @@ class TrainableImportanceEstimator(nn.Module):
         self.alpha = nn.Parameter(torch.randn(1, n_blocks, dim)) if enabled else None
 
     def block_weights(self):
-        """softmax(alpha) over blocks, [n_blocks, d']; uniform when TIE is off."""
+        """softmax(alpha) over blocks, [n_blocks, d']; None when TIE is off (a plain mean is used)."""
         if not self.enabled:
             return None
         return self.alpha.softmax(dim=1)[0]
@@ -923,6 +927,13 @@ class SeededEpochSampler(torch.utils.data.Sampler):
         return iter([(int(i), sample_seed(self.seed, int(i), view), view) for i in self._order()])
 
 
+def _worker_ignores_stop_signals(worker_id):
+    """Data workers ignore Ctrl-C and SIGTERM sent to the whole process group (as a terminal or a
+    cluster scheduler does): the main process saves the checkpoint, then shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(items, cfg, train, device, seed=0, transform=None, sampler=None, cache=None, batch_size=None):
     """DataLoader over (path, label, group) items; test transform unless `sampler` gives training seeds."""
     dataset = ImageDataset(items, transform or build_transform(cfg, train), cache)
@@ -936,6 +947,7 @@ def make_loader(items, cfg, train, device, seed=0, transform=None, sampler=None,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         collate_fn=collate_skipping_bad,
+        worker_init_fn=_worker_ignores_stop_signals,
         generator=torch.Generator().manual_seed(seed),  # its own RNG: starting an epoch leaves torch's global RNG alone
     )
 
@@ -1737,8 +1749,9 @@ def restore_last(path, cfg, model, optimizer, scaler):
 
 def nonfinite_error(epoch, step, cfg, last_path):
     """The UserError for a NaN/inf loss, naming where it happened."""
+    kept = f"{last_path} still holds the last good state" if Path(last_path).exists() else "no checkpoint was written yet"
     return UserError(f"The loss became non-finite (NaN/inf) at epoch {epoch}, step {step}. Lower LR (now {cfg.LR}) "
-                     f"or try --amp off; {last_path} still holds the last good state.")
+                     f"or try --amp off; {kept}.")
 
 
 def setup_distributed(cfg):
