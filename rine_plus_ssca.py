@@ -283,8 +283,9 @@ def load_clip_vision(name, dtype=None, attn_implementation="sdpa"):
     hf_logging.disable_progress_bar()  # our own progress bars are enough
     looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
     if looks_like_path and not Path(name).expanduser().is_dir():
-        raise UserError(f"No backbone folder {name}. Set CLIP_MODEL / --clip-model to a folder saved with save_pretrained "
-                        "(or to a HuggingFace id such as openai/clip-vit-large-patch14).")
+        raise UserError(f"No backbone folder {name}. Set CLIP_MODEL / --clip-model to an existing folder saved with "
+                        "save_pretrained, or to a HuggingFace id such as openai/clip-vit-large-patch14 (downloaded once; "
+                        "the HF_ENDPOINT variable selects a mirror).")
     try:
         return CLIPVisionModel.from_pretrained(name, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
     except Exception as error:  # network, cache, or a folder without weights: all fixed the same ways
@@ -826,8 +827,9 @@ class ImageDataset(torch.utils.data.Dataset):
     dataset[i] applies the test transform; dataset[(i, seed, view)] the training one seeded
     with `seed` (seed None: the test transform). With a FeatureCache, a valid cached entry of
     (i, view) is returned instead of decoding the file, tokens included.
-    A sample is (uint8 pixels, label, index, cached tokens or None, view), or
-    (None, error text, index, None, view) when the file can't be read.
+    A sample is (uint8 pixels, label, index, cached tokens or None, view, damaged), or
+    (None, error text, index, None, view, damaged) when the file can't be read; damaged says a
+    cached entry failed its CRC check (counted in the main process, workers can't report it).
     """
 
     def __init__(self, items, transform, cache=None):
@@ -843,10 +845,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed, view = key if isinstance(key, tuple) else (key, None, 0)
         label = int(self.labels[index])
+        damaged = False
         if self.cache is not None:
             cached = self.cache.get(index, view)
             if cached is not None:
-                return cached[0], label, index, cached[1], view
+                return cached[0], label, index, cached[1], view, False
+            damaged = self.cache.state(index, view) == FILLED  # filled, yet it failed its CRC check
         path = str(self.paths[index])
         try:
             image = open_image(path)
@@ -855,25 +859,27 @@ class ImageDataset(torch.utils.data.Dataset):
             else:
                 pixels = torch.from_numpy(self.transform(image, torch.Generator().manual_seed(seed)))
         except Exception as error:  # truncated, empty, not an image, decompression bomb...
-            return None, f"{type(error).__name__}: {error}", index, None, view
-        return pixels, label, index, None, view
+            return None, f"{type(error).__name__}: {error}", index, None, view, damaged
+        return pixels, label, index, None, view, damaged
 
 
 class Batch:
     """A collated batch: uint8 pixels [B,3,S,S] (or [B,10,3,S,S]), labels [B], indices [B], views [B],
-    tokens [B,n,width] where cached (zeros elsewhere), cached [B] bool, bad [(index, error text)]."""
+    tokens [B,n,width] where cached (zeros elsewhere), cached [B] bool, bad [(index, error text)],
+    n_damaged: cache entries that failed their check and were recomputed."""
 
-    def __init__(self, pixels, labels, indices, views, tokens, cached, bad):
+    def __init__(self, pixels, labels, indices, views, tokens, cached, bad, n_damaged=0):
         self.pixels, self.labels, self.indices, self.views = pixels, labels, indices, views
-        self.tokens, self.cached, self.bad = tokens, cached, bad
+        self.tokens, self.cached, self.bad, self.n_damaged = tokens, cached, bad, n_damaged
 
 
 def collate_skipping_bad(samples):
     """Stack the readable samples; unreadable ones go to batch.bad. batch.pixels is None when none were readable."""
     good = [sample for sample in samples if sample[0] is not None]
     bad = [(sample[2], sample[1]) for sample in samples if sample[0] is None]
+    n_damaged = sum(sample[5] for sample in samples)
     if not good:
-        return Batch(None, None, None, None, None, None, bad)
+        return Batch(None, None, None, None, None, None, bad, n_damaged)
     cached = torch.tensor([sample[3] is not None for sample in good])
     tokens = None
     if cached.any():
@@ -884,7 +890,7 @@ def collate_skipping_bad(samples):
         labels=torch.tensor([sample[1] for sample in good], dtype=torch.float32),
         indices=torch.tensor([sample[2] for sample in good]),
         views=torch.tensor([sample[4] for sample in good]),
-        tokens=tokens, cached=cached, bad=bad)
+        tokens=tokens, cached=cached, bad=bad, n_damaged=n_damaged)
 
 
 def sample_seed(seed, index, view):
@@ -1077,7 +1083,6 @@ class FeatureCache:
             return None
         pixels, tokens = np.array(arrays["pixels"][index, view]), np.array(arrays["tokens"][index, view])
         if self._crc(pixels, tokens) != arrays["crc"][index, view]:
-            self.damaged += 1
             return None
         tokens = torch.from_numpy(tokens.view(np.int16)).view(torch.bfloat16) if self.token_dtype == torch.bfloat16 \
             else torch.from_numpy(tokens)
@@ -1153,6 +1158,7 @@ def tokens_from_cache_or_backbone(model, batch, pixels, cache):
     """
     if cache is None:
         return None
+    cache.damaged += batch.n_damaged
     missing = ~batch.cached
     if not missing.any():
         return batch.tokens.to(pixels.device, non_blocking=True)
@@ -1587,7 +1593,9 @@ def read_checkpoint(path):
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}; train first (python rine_plus_ssca.py) or pass --ckpt with the right path.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a refused file is reported in one line below, not with torch's warnings
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise UserError(f"Refused {path}: loading it would need pickle, which can run arbitrary code. Only checkpoints "
                         "written by rine_plus_ssca.py (tensors and plain values) are loaded.") from error
@@ -1621,7 +1629,11 @@ def load_detector(path, clip_model=None, device=None):
     cfg.CLIP_MODEL = clip_model or resolve_backbone_location(cfg.CLIP_MODEL, path)
     device = resolve_device(device or "auto")
     model = build_model(cfg, device)
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    except RuntimeError as error:  # tensor shapes differ: another architecture
+        raise UserError(f"{path} does not match this model ({str(error).strip().splitlines()[-1].strip()[:160]}); "
+                        "it was written by another architecture or script version.") from error
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
         raise UserError(f"{path} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "

@@ -1,0 +1,98 @@
+"""notebooks/inference.ipynb, executed end to end with nbclient against a checkpoint trained here.
+
+The project root is rebuilt in tmp: a copy of rine_plus_ssca.py, the notebook in notebooks/, a
+small tree laid out like the demo's data/demo/{train,val,test}, and a checkpoint trained into
+checkpoints/demo/ with the demo's relative backbone path, as `--demo` leaves them.
+"""
+
+import os
+import re
+import shutil
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import rine_plus_ssca as rps
+from conftest import REPO, run_script, save_tiny_backbone, write_demo_tree
+
+NOTEBOOK = REPO / "notebooks" / "inference.ipynb"
+SCORE_LINE = re.compile(r"^(\d+\.\d{3})  (real|fake)  (\S+)$")
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("notebook_root")
+    shutil.copy(REPO / "rine_plus_ssca.py", root / "rine_plus_ssca.py")
+    (root / "notebooks").mkdir()
+    shutil.copy(NOTEBOOK, root / "notebooks" / NOTEBOOK.name)
+    write_demo_tree(root / "data/demo", {"train": {"nearest": 8, "bilinear": 8}, "val": {"nearest": 4, "bilinear": 4},
+                                         "test": {"nearest": 2, "bilinear": 2, "transposed_conv": 2}}, seed=7)
+    backbone = "checkpoints/demo/tiny_clip_backbone"  # relative, as the demo records it
+    save_tiny_backbone(root / backbone, seed=0)
+    trained = run_script(["--data-dir", "data/demo", "--checkpoint-dir", "checkpoints/demo", "--clip-model", backbone,
+                          "--epochs", "1", "--batch-size", "16", "--proj-dim", "32", "--spec-channels", "16",
+                          "--fusion-dim", "32", "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu"], cwd=root)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert (root / "checkpoints/demo" / rps.BEST_NAME).is_file()
+
+    # The kernel inherits this environment: offline (conftest), one thread, no files outside tmp.
+    saved = dict(os.environ)
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                      PYTHONDONTWRITEBYTECODE="1", JUPYTER_RUNTIME_DIR=str(root / ".jupyter_runtime"),
+                      IPYTHONDIR=str(root / ".ipython"), MPLCONFIGDIR=str(root / ".matplotlib"))
+    try:
+        notebook = nbformat.read(root / "notebooks" / NOTEBOOK.name, as_version=4)
+        client = NotebookClient(notebook, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(root / "notebooks")}})
+        client.execute()  # raises CellExecutionError on the first failing cell
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    n_test = len(list((root / "data/demo/test").rglob("*.png")))
+    return dict(root=root, notebook=notebook, n_test=n_test)
+
+
+def outputs(notebook):
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+
+
+def printed_text(notebook):
+    return "".join(o.get("text", "") for o in outputs(notebook) if o.output_type == "stream" and o.get("name") == "stdout")
+
+
+def test_notebook_runs_without_errors(executed):
+    code_cells = [cell for cell in executed["notebook"].cells if cell.cell_type == "code"]
+    assert code_cells and all(cell.get("execution_count") for cell in code_cells), "a cell did not run"
+    errors = [o for o in outputs(executed["notebook"]) if o.output_type == "error"]
+    assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
+    stderr = "".join(o.get("text", "") for o in outputs(executed["notebook"]) if o.get("name") == "stderr")
+    assert "Traceback" not in stderr, stderr
+
+
+def test_notebook_shows_the_image_grid_and_the_tie_plot(executed):
+    images = [o for o in outputs(executed["notebook"]) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, [o.output_type for o in outputs(executed["notebook"])]
+    # One picture in the cell that draws the grid, one in the cell that plots the TIE importances.
+    cells_with_images = [cell.source for cell in executed["notebook"].cells if cell.cell_type == "code"
+                         and any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))]
+    assert any("imshow" in source for source in cells_with_images)
+    assert any("block_importance" in source for source in cells_with_images)
+
+
+def test_notebook_prints_scores_in_unit_interval(executed):
+    text = printed_text(executed["notebook"])
+    assert "checkpoint: checkpoints/demo/" + rps.BEST_NAME in text, text
+    scores = [SCORE_LINE.match(line) for line in text.splitlines()]
+    scores = [m for m in scores if m]
+    assert len(scores) == min(8, executed["n_test"]), text
+    for match in scores:
+        p = float(match.group(1))
+        assert 0.0 <= p <= 1.0, match.group(0)
+        assert match.group(3).startswith("data/demo/test/") and (executed["root"] / match.group(3)).is_file()
+        if abs(p - 0.5) > 1e-3:
+            assert match.group(2) == ("fake" if p >= 0.5 else "real"), match.group(0)
+    top = [line for line in text.splitlines() if line.startswith("top blocks:")]
+    assert len(top) == 1
+    importances = [float(v) for v in re.findall(r"\((\d\.\d{3})\)", top[0])]
+    assert importances and importances == sorted(importances, reverse=True)
