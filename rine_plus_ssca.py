@@ -1687,8 +1687,8 @@ def validate_config(cfg):
             raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)}).")
     if cfg.FUSION_DIM % cfg.FUSION_HEADS:
         raise UserError(f"FUSION_HEADS={cfg.FUSION_HEADS} must divide FUSION_DIM={cfg.FUSION_DIM}.")
-    if cfg.LR <= 0 or cfg.XI < 0 or not 0 <= cfg.DROPOUT < 1 or not 0 < cfg.VAL_FRACTION < 1:
-        raise UserError("Need LR > 0, XI >= 0, 0 <= DROPOUT < 1 and 0 < VAL_FRACTION < 1.")
+    if not 0 < cfg.LR < 3e38 or cfg.XI < 0 or not 0 <= cfg.DROPOUT < 1 or not 0 < cfg.VAL_FRACTION < 1:
+        raise UserError("Need 0 < LR < 3e38 (a float32), XI >= 0, 0 <= DROPOUT < 1 and 0 < VAL_FRACTION < 1.")
     if cfg.CROP_SIZE % 8:
         raise UserError(f"CROP_SIZE={cfg.CROP_SIZE} must be a multiple of 8 (the DCT works on 8x8 blocks).")
 
@@ -1799,6 +1799,38 @@ def gather_scores(indices, labels, probs, bce_sum, world_size):
             np.concatenate([g[2] for g in gathered]), sum(g[3] for g in gathered))
 
 
+class GracefulStop:
+    """Ctrl-C or SIGTERM during training: finish the current step, save, then stop.
+
+    Stopping between steps keeps the saved position exact; a second Ctrl-C stops at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals keep their default behaviour
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def check(self):
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype, cache=None, world_size=1):
     """One optimizer step on a collated batch; returns detached (BCE sum, SupCon, loss) on the device, no sync.
 
@@ -1880,85 +1912,92 @@ def train(cfg):
         step_model = torch.compile(step_model)
 
     epoch, step = start_epoch, start_step
+    resume_at = (start_epoch, start_step)  # where a resumed run would continue; saved on an interruption
     sums = resumed_sums if resumed_sums is not None else torch.zeros(3, device=device)
-    try:
-        for epoch in range(start_epoch, cfg.EPOCHS + 1):
-            started = time.time()
-            step = start_step if epoch == start_epoch else 0
-            if epoch != start_epoch or resumed_sums is None:
-                sums = torch.zeros(3, device=device)  # bce, supcon, images: summed on the device, read at log steps
-            sampler.set_epoch(epoch, start_batch=step)
-            model.train()
-            first_nonfinite_step = torch.full((), -1, device=device)
-            progress = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step, total=sampler.batches_per_epoch(),
-                            leave=False, dynamic_ncols=True, disable=rank != 0)
-            for batch in progress:
-                train_bad.add(batch.bad, write=progress.write)
-                if batch.pixels is not None:
-                    bce, supcon, loss = training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype,
-                                                      train_cache, world_size)
-                    # Remember the first bad step without a GPU sync; it is read at log steps.
-                    is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
-                    first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
-                    n_images = torch.tensor(float(len(batch.labels)), device=device)
-                    sums += torch.stack([bce, supcon * n_images, n_images])
-                step += 1
-                at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
-                if step % cfg.LOG_EVERY == 0 or at_save_step:
-                    if world_size > 1:
-                        torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
-                    if first_nonfinite_step.item() >= 0:
-                        raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
-                    bce_avg, supcon_avg = (sums[:2] / sums[2].clamp(min=1)).tolist()
-                    progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
-                if at_save_step and rank == 0:
-                    save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
-            progress.close()
-            if world_size > 1:
-                torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
-                torch.distributed.all_reduce(sums)  # losses of the whole global batch
-                for buffer in model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
-                    torch.distributed.broadcast(buffer, 0)
-            if first_nonfinite_step.item() >= 0:
-                raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
-            n_seen = max(sums[2].item(), 1.0)
+    with GracefulStop() as stop:
+        try:
+            for epoch in range(start_epoch, cfg.EPOCHS + 1):
+                started = time.time()
+                step = start_step if epoch == start_epoch else 0
+                if epoch != start_epoch or resumed_sums is None:
+                    sums = torch.zeros(3, device=device)  # bce, supcon, images: summed on the device, read at log steps
+                sampler.set_epoch(epoch, start_batch=step)
+                model.train()
+                first_nonfinite_step = torch.full((), -1, device=device)
+                progress = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step, total=sampler.batches_per_epoch(),
+                                leave=False, dynamic_ncols=True, disable=rank != 0)
+                for batch in progress:
+                    train_bad.add(batch.bad, write=progress.write)
+                    if batch.pixels is not None:
+                        bce, supcon, loss = training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype,
+                                                          train_cache, world_size)
+                        # Remember the first bad step without a GPU sync; it is read at log steps.
+                        is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
+                        first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
+                        n_images = torch.tensor(float(len(batch.labels)), device=device)
+                        sums += torch.stack([bce, supcon * n_images, n_images])
+                    step += 1
+                    resume_at = (epoch, step)
+                    at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
+                    if step % cfg.LOG_EVERY == 0 or at_save_step:
+                        if world_size > 1:
+                            torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
+                        if first_nonfinite_step.item() >= 0:
+                            raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
+                        bce_avg, supcon_avg = (sums[:2] / sums[2].clamp(min=1)).tolist()
+                        progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
+                    if at_save_step and rank == 0:
+                        save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
+                    stop.check()
+                progress.close()
+                if world_size > 1:
+                    torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
+                    torch.distributed.all_reduce(sums)  # losses of the whole global batch
+                    for buffer in model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
+                        torch.distributed.broadcast(buffer, 0)
+                if first_nonfinite_step.item() >= 0:
+                    raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
+                n_seen = max(sums[2].item(), 1.0)
 
-            indices, labels, probs, val_bce_sum, bad = score_loader(model, val_loader, device, amp_dtype, val_cache)
-            val_bad.add(bad)
-            indices, labels, probs, val_bce_sum = gather_scores(indices, labels, probs, val_bce_sum, world_size)
+                indices, labels, probs, val_bce_sum, bad = score_loader(model, val_loader, device, amp_dtype, val_cache)
+                val_bad.add(bad)
+                indices, labels, probs, val_bce_sum = gather_scores(indices, labels, probs, val_bce_sum, world_size)
+                for cache in (train_cache, val_cache):
+                    if cache is not None:
+                        cache.flush()
+                metrics = binary_metrics(labels, probs, cfg.THRESHOLD)
+                metrics.update(epoch=epoch, train_bce=sums[0].item() / n_seen, train_supcon=sums[1].item() / n_seen,
+                               val_bce=val_bce_sum / max(len(labels), 1),
+                               skipped_train=len(train_bad.bad), skipped_val=len(val_bad.bad))
+                if train_bad.bad or val_bad.bad:
+                    print(f"epoch {epoch}: {len(train_bad.bad)} unreadable training and {len(val_bad.bad)} validation images skipped")
+                marker = ""
+                better = is_better(cfg.SELECT_METRIC, metrics, best_metrics)
+                if better and rank == 0:
+                    atomic_torch_save(make_checkpoint(model, epoch, metrics, history + [metrics]), best_path)
+                    marker = f"  <- best {cfg.SELECT_METRIC}, saved {best_path}"
+                # The epoch counts as done only from here: an interruption before this line resumes
+                # at its validation, one after it at the next epoch.
+                history, best_metrics = history + [metrics], (metrics if better else best_metrics)
+                step, sums, resume_at = 0, torch.zeros(3, device=device), (epoch + 1, 0)
+                if rank == 0:
+                    save_last(last_path, model, optimizer, scaler, epoch + 1, 0, history, best_metrics, sums)
+                print(f"epoch {epoch}: train bce {metrics['train_bce']:.4f} supcon {metrics['train_supcon']:.4f} | "
+                      f"val bce {metrics['val_bce']:.4f} acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} "
+                      f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
+                stop.check()
+        except KeyboardInterrupt:
+            if rank == 0:
+                save_last(last_path, model, optimizer, scaler, *resume_at, history, best_metrics, sums)
+            raise UserError(f"Interrupted at epoch {resume_at[0]}, step {resume_at[1]}; saved {last_path}. "
+                            "Continue with --resume.")
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"CUDA ran out of memory at batch size {cfg.BATCH_SIZE}. Lower --batch-size (e.g. "
+                            f"{max(1, cfg.BATCH_SIZE // 2)}) or --proj-dim, or use fewer --blocks; close other programs on the GPU.")
+        finally:
             for cache in (train_cache, val_cache):
                 if cache is not None:
                     cache.flush()
-            metrics = binary_metrics(labels, probs, cfg.THRESHOLD)
-            metrics.update(epoch=epoch, train_bce=sums[0].item() / n_seen, train_supcon=sums[1].item() / n_seen,
-                           val_bce=val_bce_sum / max(len(labels), 1),
-                           skipped_train=len(train_bad.bad), skipped_val=len(val_bad.bad))
-            history.append(metrics)
-            if train_bad.bad or val_bad.bad:
-                print(f"epoch {epoch}: {len(train_bad.bad)} unreadable training and {len(val_bad.bad)} validation images skipped")
-            marker = ""
-            if is_better(cfg.SELECT_METRIC, metrics, best_metrics):
-                best_metrics = metrics
-                if rank == 0:
-                    atomic_torch_save(make_checkpoint(model, epoch, metrics, history), best_path)
-                marker = f"  <- best {cfg.SELECT_METRIC}, saved {best_path}"
-            step, sums = 0, torch.zeros(3, device=device)
-            if rank == 0:
-                save_last(last_path, model, optimizer, scaler, epoch + 1, 0, history, best_metrics, sums)
-            print(f"epoch {epoch}: train bce {metrics['train_bce']:.4f} supcon {metrics['train_supcon']:.4f} | "
-                  f"val bce {metrics['val_bce']:.4f} acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} "
-                  f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
-    except KeyboardInterrupt:
-        if rank == 0:
-            save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
-        raise UserError(f"Interrupted at epoch {epoch}, step {step}; saved {last_path}. Continue with --resume.")
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"CUDA ran out of memory at batch size {cfg.BATCH_SIZE}. Lower --batch-size (e.g. "
-                        f"{max(1, cfg.BATCH_SIZE // 2)}) or --proj-dim, or use fewer --blocks; close other programs on the GPU.")
-    finally:
-        for cache in (train_cache, val_cache):
-            if cache is not None:
-                cache.flush()
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if train_cache is not None and train_cache.damaged + val_cache.damaged:
@@ -2267,11 +2306,6 @@ def run_export(args):
     return 0
 
 
-def _stop_like_ctrl_c(signum, frame):
-    """SIGTERM (a cluster pre-empting the job) is handled like Ctrl-C: save, then exit."""
-    raise KeyboardInterrupt
-
-
 def run_demo(cfg):
     """The offline demo: generated data, a tiny random backbone, training, a per-generator test table."""
     started = time.time()
@@ -2318,7 +2352,6 @@ def main(argv=None):
             cfg.__dict__.update(DEMO_OVERRIDES)
         cfg.__dict__.update(given)
         validate_config(cfg)
-        signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
         run_demo(cfg) if demo else train(cfg)
         return 0
     except UserError as error:
