@@ -458,6 +458,7 @@ class SpectrumSpatialCollaborativeAttention(nn.Module):
     def spatial_path(self, x):
         return x * torch.sigmoid(self.spatial_conv(self._pooled_over_channels(x)))
 
+    @torch.compiler.disable  # inductor can't differentiate through the complex FFT path; it runs eagerly
     def frequency_path(self, x):
         height, width = x.shape[-2:]
         # Half-precision FFTs only work for power-of-two sizes, and 28 is not one.

@@ -301,3 +301,20 @@ def test_torchrun_on_cpu_trains_and_validates_like_one_process(torchrun_run):
                                        np.log(np.clip(1 - probs, 1e-7, 1 - 1e-7)))))
     assert stored["val_bce"] == pytest.approx(mean_bce, rel=1e-4)
     assert rows[-1][0] == "mean" and rows[-1][1] == expected["n_real"] and rows[-1][2] == expected["n_fake"]
+
+
+def test_compile_trains_end_to_end_and_computes_what_the_eager_model_computes(tmp_path, tiny_backbone):
+    # COMPILE must run a whole training through the CLI (the complex FFT path stays eager) ...
+    tree = write_demo_tree(tmp_path / "data", {"train": {"nearest": 8, "bilinear": 8}, "val": {"nearest": 4}}, seed=3)
+    result = assert_ok(run_script(train_args(tree, tiny_backbone, tmp_path / "compiled", "--epochs", "1", "--amp", "off",
+                                             "--compile"), tmp_path, 900, {"OMP_NUM_THREADS": "1"}))
+    checkpoint = load(tmp_path / "compiled" / "best_rine_plus_ssca.pth")
+    assert checkpoint["config"]["COMPILE"] is True and np.isfinite(checkpoint["metrics"]["val_bce"]), result.stdout[-2000:]
+    # ... and the compiled module computes the eager one's logits (training then differs only by
+    # float rounding, which Adam amplifies, so whole runs are not compared).
+    model = rps.load_detector(tmp_path / "compiled" / "best_rine_plus_ssca.pth", device="cpu")
+    pixels = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        eager_logits, _ = model(pixels)
+        compiled_logits, _ = torch.compile(model)(pixels)
+    assert torch.allclose(eager_logits, compiled_logits, atol=1e-4), (eager_logits - compiled_logits).abs().max()
