@@ -1935,7 +1935,7 @@ def train(cfg):
                         # Remember the first bad step without a GPU sync; it is read at log steps.
                         is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
                         first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
-                        n_images = torch.tensor(float(len(batch.labels)), device=device)
+                        n_images = torch.full((), float(len(batch.labels)), device=device)  # a fill, not a host-to-device copy
                         sums += torch.stack([bce, supcon * n_images, n_images])
                     step += 1
                     resume_at = (epoch, step)
