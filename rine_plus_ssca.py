@@ -24,7 +24,9 @@ branches, a gated MLP makes the representation, and the loss is BCE + XI * SupCo
 """
 
 import argparse
+import csv
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -170,6 +172,7 @@ def resolve_device(name):
     return device
 
 
+@functools.lru_cache(maxsize=None)  # read /proc/cpuinfo once, not at every predict() call
 def cpu_has_fast_bf16():
     """True on CPUs with bfloat16 matrix instructions (AVX-512 BF16 or AMX), where bf16 is several times faster."""
     try:
@@ -941,7 +944,7 @@ def _worker_ignores_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(items, cfg, train, device, seed=0, transform=None, sampler=None, cache=None, batch_size=None):
+def make_loader(items, cfg, train, device, transform=None, sampler=None, cache=None, batch_size=None):
     """DataLoader over (path, label, group) items; test transform unless `sampler` gives training seeds."""
     dataset = ImageDataset(items, transform or build_transform(cfg, train), cache)
     workers = max(0, min(cfg.NUM_WORKERS, os.cpu_count() or 1))
@@ -955,7 +958,7 @@ def make_loader(items, cfg, train, device, seed=0, transform=None, sampler=None,
         prefetch_factor=4 if workers > 0 else None,
         collate_fn=collate_skipping_bad,
         worker_init_fn=_worker_ignores_stop_signals,
-        generator=torch.Generator().manual_seed(seed),  # its own RNG: starting an epoch leaves torch's global RNG alone
+        generator=torch.Generator().manual_seed(0),  # its own RNG: starting an epoch leaves torch's global RNG alone
     )
 
 
@@ -1438,7 +1441,7 @@ def score_items(model, items, batch_size=64, num_workers=4, tencrop=False, jpeg_
     return scores, [path for path in unique_paths if path not in scores]
 
 
-def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, device=None, real_dir=None,
+def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, real_dir=None,
                     max_per_class=None, tencrop=False, jpeg_quality=None, blur_sigma=None, seed=0):
     """Score every labelled image under data_dir; returns (table rows, items, labels, probs).
 
@@ -2127,8 +2130,6 @@ def build_predict_parser():
 
 def run_eval(args):
     """The eval command: per-generator tables (clean, then each perturbation level), CSV/Markdown, plots."""
-    import csv
-
     model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
     threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold
     out_dir = Path(args.out) if args.out else Path(args.ckpt).parent
@@ -2195,8 +2196,6 @@ def gather_images(inputs):
 
 def run_predict(args):
     """The predict command: one line per image, unreadable files reported and skipped."""
-    import csv
-
     files, missing, others = gather_images(args.inputs)
     for entry in missing:
         print(f"not found, skipped: {entry}", file=sys.stderr)
