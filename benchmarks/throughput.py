@@ -81,7 +81,7 @@ def timed(function, device, repeats):
 def training_epoch(model, loader, sampler, cfg, device, cache=None):
     """One epoch of training_step over the loader."""
     amp_dtype = rps.resolve_amp_dtype(cfg.AMP, device)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.LR)
+    optimizer = rps.make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler.set_epoch(1)
     model.train()

@@ -82,6 +82,7 @@ def test_dct_conv_block_keeps_spatial_size(height, width):
     x = torch.randn(2, 192, height, width)
     out = block(x)
     assert out.shape == (2, 16, height, width)
+    assert out.is_contiguous()  # NCHW again after the channels-last convolutions on the CPU
     assert_all_params_get_gradient(block, random_projection_loss(out))
 
 
@@ -96,6 +97,25 @@ def test_ssca_keeps_shape_and_all_parameters_learn():
     assert_all_params_get_gradient(ssca, random_projection_loss(out))
     assert ssca.spatial_path(x).shape == x.shape
     assert ssca.frequency_path(x).shape == x.shape
+
+
+def test_ssca_forward_is_residual_plus_weighted_spatial_and_frequency_paths():
+    # forward() folds the two weights into the small gate and filter for speed; the result
+    # must still be x + w_s * spatial_path(x) + w_f * frequency_path(x), gradients included.
+    torch.manual_seed(0)
+    ssca = rps.SpectrumSpatialCollaborativeAttention(6, 12, 10)
+    with torch.no_grad():
+        ssca.spatial_weight.fill_(0.7)
+        ssca.frequency_weight.fill_(-1.3)
+    x = torch.randn(3, 6, 12, 10, requires_grad=True)
+    reference = x + ssca.spatial_weight * ssca.spatial_path(x) + ssca.frequency_weight * ssca.frequency_path(x)
+    loss_weights = torch.randn(reference.shape)
+    reference_grads = torch.autograd.grad((reference * loss_weights).sum(), [x, *ssca.parameters()])
+    out = ssca(x)
+    grads = torch.autograd.grad((out * loss_weights).sum(), [x, *ssca.parameters()])
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ssca_runs_in_bf16_autocast_on_a_non_power_of_two_map():
@@ -191,6 +211,32 @@ def test_cross_attention_combination_shape_gradients_and_dependence_on_both_bran
         blocks = block_tokens.clone()
         blocks[:, 2] += 3.0
         assert not torch.allclose(fusion(z_clip, blocks, z_dct, spectral_tokens), base)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 24, 784])
+def test_one_query_attention_equals_torch_multihead_attention(n_tokens):
+    # OneQueryAttention never projects the tokens (the key projection is folded into the query,
+    # the value projection applied after the weighted sum); it must still compute exactly what
+    # nn.MultiheadAttention computes with the same weights, whatever the key bias.
+    torch.manual_seed(0)
+    dim, kv_dim, heads, batch = 32, 24, 4, 3
+    ours = rps.OneQueryAttention(dim, kv_dim, heads)
+    reference = torch.nn.MultiheadAttention(dim, heads, kdim=kv_dim, vdim=kv_dim, batch_first=True)
+    with torch.no_grad():
+        reference.q_proj_weight.copy_(ours.query.weight)
+        reference.k_proj_weight.copy_(ours.key.weight)
+        reference.v_proj_weight.copy_(ours.value.weight)
+        reference.in_proj_bias.copy_(torch.cat([ours.query.bias, 5 * torch.randn(dim), ours.value.bias]))
+        reference.out_proj.weight.copy_(ours.out.weight)
+        reference.out_proj.bias.copy_(ours.out.bias)
+    query = torch.randn(batch, dim, requires_grad=True)
+    tokens = (3 * torch.randn(batch, n_tokens, kv_dim)).requires_grad_()
+    expected = reference(query.unsqueeze(1), tokens, tokens, need_weights=False)[0].squeeze(1)
+    got = ours(query, tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    loss_weights = torch.randn(batch, dim)
+    torch.testing.assert_close(torch.autograd.grad((got * loss_weights).sum(), [query, tokens]),
+                               torch.autograd.grad((expected * loss_weights).sum(), [query, tokens]), rtol=1e-4, atol=1e-5)
 
 
 def test_gated_mlp_shape_gradients_and_residual():
