@@ -1187,7 +1187,8 @@ def open_feature_cache(split_name, items, cfg, backbone, n_views, rank=0):
     if rank == 0:
         total = cache.entry_bytes() * len(items) * n_views
         if cache.create_or_open():
-            print(f"feature cache for {split_name}: {cache.folder}, up to {total / 1e9:.2f} GB "
+            size = f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
+            print(f"feature cache for {split_name}: {cache.folder}, up to {size} "
                   f"({len(items)} images x {n_views} view(s) x {cache.entry_bytes() / 1e3:.0f} kB)")
         else:
             print(f"feature cache for {split_name}: {cache.folder}, {cache.filled_fraction():.0%} filled")
