@@ -53,7 +53,11 @@ def main():
     parser.add_argument("--batch-sizes", default="32,64,128,256")
     args = parser.parse_args()
 
-    folder = Path(tempfile.mkdtemp(prefix="rps_mem_")) / "backbone"
+    with tempfile.TemporaryDirectory(prefix="rps_mem_") as work:  # removed afterwards: a ViT-L backbone is 1.2 GB
+        count(args, Path(work) / "backbone")
+
+
+def count(args, folder):
     make_backbone(args.arch, folder)
     cfg = rps.default_config()
     cfg.CLIP_MODEL, cfg.AMP = str(folder), "off"

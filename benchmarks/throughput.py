@@ -3,6 +3,10 @@
     python benchmarks/throughput.py --arch tiny                     # seconds on any CPU
     python benchmarks/throughput.py --arch vitl --images 16 --batch-size 8    # ViT-L/14 on a CPU: minutes
     python benchmarks/throughput.py --arch vitl --images 512 --batch-size 128 --device cuda
+    python benchmarks/throughput.py --arch vitl --images 16 --batch-size 8 --no-use-spectral   # RINE alone
+
+Any other option of rine_plus_ssca.py (--no-use-spectral, --spec-channels 128, --amp off, ...)
+sets that constant for every measurement.
 
 Prints, each the median of --repeats timed runs after one warm-up:
   train        images/s of a training epoch (frozen backbone + head, optimizer step) as configured:
@@ -107,12 +111,23 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--skip-slow", action="store_true", help="skip the train-slow measurement")
-    args = parser.parse_args()
+    args, script_options = parser.parse_known_args()
+    overrides = vars(rps.build_train_parser().parse_args(script_options))  # exits with a one-line error if unknown
+    overrides.pop("demo", None), overrides.pop("debug", None)
+    cfg = rps.default_config()
+    cfg.__dict__.update(overrides)
+    try:
+        rps.validate_config(cfg)
+    except rps.UserError as error:
+        sys.exit(f"error: {error}")
 
-    work = Path(tempfile.mkdtemp(prefix="rps_bench_"))
+    with tempfile.TemporaryDirectory(prefix="rps_bench_") as work:  # removed afterwards: a ViT-L backbone is 1.2 GB
+        measure(args, cfg, overrides, Path(work))
+
+
+def measure(args, cfg, overrides, work):
     make_backbone(args.arch, work / "backbone")
     items = make_images(work / "images", args.images)
-    cfg = rps.default_config()
     cfg.CLIP_MODEL, cfg.BATCH_SIZE, cfg.NUM_WORKERS = str(work / "backbone"), args.batch_size, args.num_workers
     cfg.CHECKPOINT_DIR, cfg.CACHE_DIR, cfg.CACHE_VIEWS = str(work / "ckpt"), str(work / "cache"), 1
     device = rps.resolve_device(args.device)
@@ -123,7 +138,8 @@ def main():
     amp_dtype = rps.resolve_amp_dtype(cfg.AMP, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     print(f"arch {args.arch}, batch {args.batch_size}, {args.images} images, device {device} ({name}), "
-          f"mixed precision {amp_dtype or 'off'}, torch {torch.__version__}, median of {args.repeats} after 1 warm-up\n")
+          f"mixed precision {amp_dtype or 'off'}, torch {torch.__version__}, median of {args.repeats} after 1 warm-up"
+          + (f", constants changed: {overrides}" if overrides else "") + "\n")
 
     rows = []
 
