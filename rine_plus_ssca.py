@@ -503,6 +503,10 @@ class OneQueryAttention(nn.Module):
         self.key = nn.Linear(kv_dim, dim, bias=False)
         self.value = nn.Linear(kv_dim, dim)
         self.out = nn.Linear(dim, dim)
+        for projection in (self.query, self.key, self.value):  # initialised as nn.MultiheadAttention does
+            nn.init.xavier_uniform_(projection.weight)
+        for layer in (self.query, self.value, self.out):
+            nn.init.zeros_(layer.bias)
 
     def forward(self, query, tokens):
         batch, kv_dim = query.shape[0], tokens.shape[-1]
