@@ -113,7 +113,8 @@ def main():
     parser.add_argument("--skip-slow", action="store_true", help="skip the train-slow measurement")
     args, script_options = parser.parse_known_args()
     overrides = vars(rps.build_train_parser().parse_args(script_options))  # exits with a one-line error if unknown
-    overrides.pop("demo", None), overrides.pop("debug", None)
+    for flag in ("demo", "debug"):  # the script's own flags, not constants
+        overrides.pop(flag, None)
     cfg = rps.default_config()
     cfg.__dict__.update(overrides)
     try:
