@@ -86,6 +86,23 @@ def test_dct_conv_block_keeps_spatial_size(height, width):
     assert_all_params_get_gradient(block, random_projection_loss(out))
 
 
+def test_dct_conv_block_hands_an_nchw_gradient_back_to_the_batchnorm_before_it():
+    # The block runs channels-last on the CPU; the stem's BatchNorm must still get an NCHW
+    # gradient (its backward is much slower on a channels-last one), and the same values.
+    torch.manual_seed(0)
+    block, stem = rps.DCTConvBlock(192, 16), torch.nn.BatchNorm2d(192)
+    stem_out = stem(torch.randn(2, 192, 28, 28))
+    seen = []
+    out = block(stem_out)
+    stem_out.register_hook(seen.append)  # runs after the block's own hook
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert seen[0].is_contiguous()
+    reference_input = stem_out.detach().requires_grad_()
+    block(reference_input).backward(grad_out)
+    torch.testing.assert_close(seen[0], reference_input.grad)
+
+
 # --------------------------------------------------------------------------- SSCA
 
 def test_ssca_keeps_shape_and_all_parameters_learn():
