@@ -74,7 +74,7 @@ FUSION_DIM = 512  # D, width of the fused representation; 128-1024
 FUSION_HEADS = 8  # attention heads in the cross-attention fusion (must divide FUSION_DIM)
 
 # --- ablations (one switch each) ---
-USE_SPECTRAL = True  # False = RINE alone (no DCT/SSCA branch, no fusion)
+USE_SPECTRAL = True  # False = RINE as published (no DCT/SSCA branch, RINE's head and checkpoint keys; import-rine loads its weights)
 USE_TIE = True  # False = plain mean over blocks instead of the learned block importances
 FUSION = "cross_attention"  # "cross_attention" or "concat" (concatenate z_clip and z_dct, then Linear)
 SPECTRAL_INPUT = "dct"  # "dct" (8x8 block DCT of the pixels) or "clip_patches" (patch tokens of PATCH_BLOCK)
@@ -133,7 +133,7 @@ DEMO_OVERRIDES = dict(
     NUM_WORKERS=2, LOG_EVERY=5, PATCH_BLOCK=2,
 )
 
-CHECKPOINT_FORMAT = 2  # bumped when the checkpoint layout changes (2: fusion attention weights renamed)
+CHECKPOINT_FORMAT = 3  # bumped when the checkpoint layout changes (3: RINE's names alpha/proj1/proj2, RINE's head without the spectral branch)
 BEST_NAME = "best_rine_plus_ssca.pth"
 LAST_NAME = "last_rine_plus_ssca.pth"
 
@@ -364,24 +364,21 @@ def projection_mlp(in_dim, out_dim, n_layers, dropout):
     return nn.Sequential(*layers)
 
 
-class TrainableImportanceEstimator(nn.Module):
-    """TIE: one weight per (block, channel), softmax over blocks. [B,n,d'] -> [B,d'], weights [n,d']."""
+def importance_weighted_sum(tokens, alpha):
+    """RINE's Trainable Importance Estimator (TIE): sum over blocks of softmax(alpha) * tokens.
 
-    def __init__(self, n_blocks, dim, enabled=True):
-        super().__init__()
-        self.enabled = enabled
-        self.alpha = nn.Parameter(torch.randn(1, n_blocks, dim)) if enabled else None
+    tokens [B,n,d'], alpha [1,n,d'] (one weight per block and channel, softmax over blocks) -> [B,d'].
+    alpha None (USE_TIE=False) gives the plain mean over blocks, which is what alpha = 0 gives.
+    """
+    if alpha is None:
+        return tokens.mean(dim=1)
+    return (alpha.softmax(dim=1) * tokens).sum(dim=1)
 
-    def block_weights(self):
-        """softmax(alpha) over blocks, [n_blocks, d']; None when TIE is off (a plain mean is used)."""
-        if not self.enabled:
-            return None
-        return self.alpha.softmax(dim=1)[0]
 
-    def forward(self, tokens):
-        if not self.enabled:
-            return tokens.mean(dim=1)
-        return (self.alpha.softmax(dim=1) * tokens).sum(dim=1)
+def rine_head(dim, dropout):
+    """RINE's classifier on z: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear(d',1). [..,d'] -> [..,1]."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, 1))
 
 
 def dct_matrix(n=8):
@@ -571,7 +568,10 @@ class GatedMLP(nn.Module):
 class RINEPlusSSCA(nn.Module):
     """The detector. pixels [B,3,224,224] (CLIP-normalised) -> logits [B] (1 = fake), features [B,D].
 
-    Only the head is trainable; `trainable_state_dict()` is what checkpoints store.
+    Only the head is trainable; `trainable_state_dict()` is what checkpoints store. The RINE part
+    keeps RINE's parameter names (alpha, proj1, proj2). With USE_SPECTRAL=False the model is RINE
+    as published: its head on z, features = z [B,d'] for SupCon, and exactly the keys of RINE's
+    released checkpoints (alpha, proj1.*, proj2.*, head.*), so `import-rine` loads them unchanged.
     """
 
     def __init__(self, cfg, backbone_dtype=None, **backbone_options):
@@ -581,26 +581,27 @@ class RINEPlusSSCA(nn.Module):
         self.backbone = FrozenCLIPBlocks(cfg.CLIP_MODEL, cfg.BLOCKS, cfg.PATCH_BLOCK if use_patches else None,
                                          backbone_dtype, **backbone_options)
         n_blocks, width, d = len(self.backbone.blocks), self.backbone.width, cfg.PROJ_DIM
-        self.q1 = projection_mlp(width, d, cfg.NPROJ, cfg.DROPOUT)
-        self.tie = TrainableImportanceEstimator(n_blocks, d, enabled=cfg.USE_TIE)
-        self.q2 = projection_mlp(d, d, cfg.NPROJ, cfg.DROPOUT)
+        self.proj1 = projection_mlp(width, d, cfg.NPROJ, cfg.DROPOUT)  # Q1
+        self.alpha = nn.Parameter(torch.randn(1, n_blocks, d)) if cfg.USE_TIE else None  # TIE, as RINE initialises it
+        self.proj2 = projection_mlp(d, d, cfg.NPROJ, cfg.DROPOUT)  # Q2
 
         self.use_spectral = cfg.USE_SPECTRAL
         self.spectral_input = cfg.SPECTRAL_INPUT
+        if not cfg.USE_SPECTRAL:  # RINE as published
+            self.head = rine_head(d, cfg.DROPOUT)
+            return
+        # RINE+SSCA: the spectral branch, the fusion of both branches, and its own head.
         dim = cfg.FUSION_DIM
-        if cfg.USE_SPECTRAL:
-            if use_patches:
-                self.spectral_stem, stem_channels, side = nn.BatchNorm2d(width), width, self.backbone.grid
-            else:
-                self.spectral_stem, stem_channels, side = BlockDCT(), 3 * 64, cfg.CROP_SIZE // 8
-            self.dct_conv = DCTConvBlock(stem_channels, cfg.SPEC_CHANNELS)
-            self.ssca = SpectrumSpatialCollaborativeAttention(cfg.SPEC_CHANNELS, side, side)
-            if cfg.FUSION == "cross_attention":
-                self.fusion = CrossAttentionCombination(d, cfg.SPEC_CHANNELS, n_blocks, dim, cfg.FUSION_HEADS)
-            else:
-                self.fusion = nn.Sequential(nn.Linear(d + cfg.SPEC_CHANNELS, dim), nn.LayerNorm(dim))
+        if use_patches:
+            self.spectral_stem, stem_channels, side = nn.BatchNorm2d(width), width, self.backbone.grid
         else:
-            self.fusion = nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim))
+            self.spectral_stem, stem_channels, side = BlockDCT(), 3 * 64, cfg.CROP_SIZE // 8
+        self.dct_conv = DCTConvBlock(stem_channels, cfg.SPEC_CHANNELS)
+        self.ssca = SpectrumSpatialCollaborativeAttention(cfg.SPEC_CHANNELS, side, side)
+        if cfg.FUSION == "cross_attention":
+            self.fusion = CrossAttentionCombination(d, cfg.SPEC_CHANNELS, n_blocks, dim, cfg.FUSION_HEADS)
+        else:
+            self.fusion = nn.Sequential(nn.Linear(d + cfg.SPEC_CHANNELS, dim), nn.LayerNorm(dim))
         self.gated_mlp = GatedMLP(dim, 2 * dim, cfg.DROPOUT)
         self.classifier = nn.Linear(dim, 1)
         self.supcon_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
@@ -614,39 +615,38 @@ class RINEPlusSSCA(nn.Module):
 
     def block_importance(self):
         """TIE importance per block, softmax(alpha) averaged over channels: [n_blocks] (sums to 1)."""
-        weights = self.tie.block_weights()
-        if weights is None:
+        if self.alpha is None:
             return torch.full((len(self.backbone.blocks),), 1.0 / len(self.backbone.blocks))
-        return weights.detach().float().mean(dim=1).cpu()
+        return self.alpha.detach().float().softmax(dim=1)[0].mean(dim=1).cpu()
 
     def forward(self, pixels, cls_tokens=None):
         """cls_tokens [B,n_blocks,width], when given (from the feature cache), replace the backbone's forward."""
         patch_tokens = None
         if cls_tokens is None:
             cls_tokens, patch_tokens = self.backbone(pixels)
-        block_tokens = self.q1(cls_tokens)  # [B,n,d'], one network shared by all blocks
-        z_clip = self.q2(self.tie(block_tokens))  # [B,d']
-        if not self.use_spectral:
-            z = self.fusion(z_clip)
+        block_tokens = self.proj1(cls_tokens)  # Q1: [B,n,d'], one network shared by all blocks
+        z_clip = self.proj2(importance_weighted_sum(block_tokens, self.alpha))  # Q2 of the TIE sum: [B,d']
+        if not self.use_spectral:  # RINE: logit from its head, SupCon on z itself
+            return self.head(z_clip).squeeze(1), z_clip
+        stem_input = patch_tokens if self.spectral_input == "clip_patches" else pixels
+        spectral_map = self.ssca(self.dct_conv(self.spectral_stem(stem_input)))  # [B,C,h,w]
+        z_dct = spectral_map.mean(dim=(2, 3))  # [B,C]
+        if isinstance(self.fusion, CrossAttentionCombination):
+            spectral_tokens = spectral_map.flatten(2).transpose(1, 2)  # [B,h*w,C]
+            z = self.fusion(z_clip, block_tokens, z_dct, spectral_tokens)
         else:
-            stem_input = patch_tokens if self.spectral_input == "clip_patches" else pixels
-            spectral_map = self.ssca(self.dct_conv(self.spectral_stem(stem_input)))  # [B,C,h,w]
-            z_dct = spectral_map.mean(dim=(2, 3))  # [B,C]
-            if isinstance(self.fusion, CrossAttentionCombination):
-                spectral_tokens = spectral_map.flatten(2).transpose(1, 2)  # [B,h*w,C]
-                z = self.fusion(z_clip, block_tokens, z_dct, spectral_tokens)
-            else:
-                z = self.fusion(torch.cat([z_clip, z_dct], dim=1))
+            z = self.fusion(torch.cat([z_clip, z_dct], dim=1))
         representation = self.gated_mlp(z)
         return self.classifier(representation).squeeze(1), self.supcon_projection(representation)
 
 
 def trainable_parameter_counts(model):
-    """{module name: trainable parameter count} for the head's top-level modules."""
+    """{top-level name: trainable parameter count} for the head's modules (and alpha)."""
     counts = {}
-    for name, module in model.named_children():
-        if name != "backbone":
-            counts[name] = sum(p.numel() for p in module.parameters())
+    for name, p in model.named_parameters():
+        if not name.startswith("backbone."):
+            top = name.split(".")[0]
+            counts[top] = counts.get(top, 0) + p.numel()
     return counts
 
 

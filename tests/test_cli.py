@@ -134,8 +134,8 @@ def test_options_reach_the_saved_configuration(tmp_path, tiny_backbone):
                     USE_TIE=False, DATA_DIR="data", CHECKPOINT_DIR="out")
     for name, value in expected.items():
         assert config[name] == value and type(config[name]) is type(value), (name, config[name])
-    assert not any(k.startswith("tie.") for k in checkpoint["model"])  # --no-use-tie built the ablation
-    assert checkpoint["model"]["q1.1.weight"].shape[0] == 16
+    assert "alpha" not in checkpoint["model"]  # --no-use-tie built the ablation
+    assert checkpoint["model"]["proj1.1.weight"].shape[0] == 16
     # No val/ folder: a 25% hold-out of each (generator, class) stratum of 8 images is the validation set.
     assert checkpoint["metrics"]["n_real"] + checkpoint["metrics"]["n_fake"] == 4 * round(0.25 * 8)
 
