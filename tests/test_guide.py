@@ -27,7 +27,7 @@ NOT_CONSTANTS = {
     "CONFIG_NAMES",  # the script's list of constants
 }
 
-COMMAND_NAMES = ("eval", "predict", "check-data", "export")
+COMMAND_NAMES = ("eval", "predict", "check-data", "export", "import-rine")
 SCRIPT = "rine_plus_ssca.py"
 
 

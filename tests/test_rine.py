@@ -1,0 +1,233 @@
+"""RINE as published: USE_SPECTRAL=False is RINE's model, and RINE's released weights load with import-rine.
+
+The reference here is RINE's forward pass (mever-team/rine, src/models.py) written out from scratch:
+a separately loaded HuggingFace CLIPVisionModel with our own hooks on each block's layer_norm2
+(RINE hooks `ln_2` of OpenAI's CLIP), the CLS token, torchvision's CenterCrop(224) without a
+resize, CLIP's normalisation, and plain tensor operations on the state dict. Nothing from the
+script's modules or transforms is used for it.
+"""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, nonempty_lines, run_script, write_demo_tree
+import rine_plus_ssca as rps
+
+WIDTH, N_BLOCKS = TINY["hidden_size"], TINY["num_hidden_layers"]  # the tiny backbone: width 64, 4 blocks
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def rine_layout(width, n_blocks, dim, nproj):
+    """{key: shape} of RINE's trainable checkpoint, from RINE's Model.__init__ (nn.Sequential indices)."""
+    layout = {"alpha": (1, n_blocks, dim)}
+    for name in ("proj1", "proj2"):
+        index = 1  # proj = [Dropout] + nproj x [Linear, ReLU, Dropout]
+        for i in range(nproj):
+            layout[f"{name}.{index}.weight"] = (dim, width if (name == "proj1" and i == 0) else dim)
+            layout[f"{name}.{index}.bias"] = (dim,)
+            index += 3
+    layout.update({"head.0.weight": (dim, dim), "head.0.bias": (dim,), "head.3.weight": (dim, dim),
+                   "head.3.bias": (dim,), "head.6.weight": (1, dim), "head.6.bias": (1,)})
+    return layout
+
+
+def random_rine_state(width, n_blocks, dim, nproj, seed=0):
+    """Random tensors in RINE's layout, scaled so logits are O(1) (not saturated, not all alike)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in rine_layout(width, n_blocks, dim, nproj).items():
+        scale = 1.0 if key == "alpha" else (2.0 / shape[-1]) ** 0.5 if key.endswith("weight") else 0.1
+        state[key] = torch.randn(shape, generator=generator) * scale
+    return state
+
+
+def rine_reference_logits(backbone_folder, state, images):
+    """RINE's forward, written out: logits [N] for a list of PIL images, in float32."""
+    from torchvision import transforms
+    from transformers import CLIPVisionModel
+
+    clip = CLIPVisionModel.from_pretrained(backbone_folder, dtype=torch.float32, attn_implementation="eager").eval()
+    caught = []
+    hooks = [module.register_forward_hook(lambda module, inputs, output: caught.append(output[:, 0]))
+             for name, module in clip.named_modules() if name.endswith("layer_norm2")]
+    assert len(hooks) == N_BLOCKS
+    preprocess = transforms.Compose([transforms.CenterCrop(224), transforms.ToTensor(),
+                                     transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+    pixels = torch.stack([preprocess(image.convert("RGB")) for image in images])
+    with torch.no_grad():
+        clip(pixel_values=pixels)
+    for hook in hooks:
+        hook.remove()
+    g = torch.stack(caught, dim=1)  # [N, blocks, width]: CLS token after each block's second LayerNorm
+
+    def linear(x, key):
+        return x @ state[f"{key}.weight"].T + state[f"{key}.bias"]
+
+    def proj(x, name):  # eval mode: the Dropouts do nothing
+        for key in sorted({k.rsplit(".", 1)[0] for k in state if k.startswith(name + ".")},
+                          key=lambda k: int(k.split(".")[1])):
+            x = torch.relu(linear(x, key))
+        return x
+
+    z = (torch.softmax(state["alpha"], dim=1) * proj(g, "proj1")).sum(dim=1)
+    z = proj(z, "proj2")
+    h = torch.relu(linear(z, "head.0"))
+    h = torch.relu(linear(h, "head.3"))
+    return linear(h, "head.6")[:, 0]
+
+
+def sample_images(seed=0):
+    """Random images of several sizes: larger ones are centre-cropped, the small one padded (as CenterCrop does)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(224, 224), (300, 260), (257, 401), (180, 200)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def script_logits(model, images):
+    """The imported model's logits through the script's own test transform."""
+    transform = rps.build_transform(argparse.Namespace(**model.config), train=False)
+    pixels = rps.normalise_uint8(torch.stack([transform(image) for image in images]))
+    with torch.no_grad():
+        return model(pixels)[0]
+
+
+def import_rine(rine_file, out, backbone, cwd):
+    return run_script(["import-rine", "--ckpt", rine_file, "--out", out, "--clip-model", backbone, "--amp", "off"],
+                      cwd=cwd)
+
+
+# --------------------------------------------------------------------------- import-rine
+
+@pytest.mark.parametrize("nproj, dim", [(2, 48), (4, 24)])
+def test_import_rine_then_predict_equals_rines_forward(tmp_path, tiny_backbone, nproj, dim):
+    state = random_rine_state(WIDTH, N_BLOCKS, dim, nproj, seed=nproj)
+    torch.save(state, tmp_path / "model_trainable.pth")
+    result = import_rine("model_trainable.pth", "imported.pth", tiny_backbone, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"d'={dim}, NPROJ={nproj}" in result.stdout
+
+    checkpoint = torch.load(tmp_path / "imported.pth", weights_only=True)
+    config = checkpoint["config"]
+    assert (config["PROJ_DIM"], config["NPROJ"], config["USE_SPECTRAL"], config["USE_TIE"]) == (dim, nproj, False, True)
+    assert (config["BLOCKS"], config["CROP_SIZE"], config["CLIP_MODEL"]) == ("all", 224, tiny_backbone)
+    assert checkpoint["model"].keys() == state.keys()
+    assert all(torch.equal(checkpoint["model"][k], state[k]) for k in state)
+
+    images = sample_images()
+    expected = rine_reference_logits(tiny_backbone, state, images)
+    assert expected.std() > 0.05  # the comparison below is not between constants
+    model = rps.load_detector(tmp_path / "imported.pth", device="cpu")
+    assert next(model.backbone.parameters()).dtype == torch.float32
+    torch.testing.assert_close(script_logits(model, images), expected, rtol=0, atol=1e-5)
+    probabilities = rps.predict(model, images)
+    np.testing.assert_allclose(probabilities, torch.sigmoid(expected).numpy(), rtol=0, atol=1e-5)
+
+
+def _pickled_object(path):
+    torch.save({"alpha": argparse.Namespace(value=1)}, path)  # a class weights_only=True refuses to unpickle
+
+
+def _not_a_dict(path):
+    torch.save(torch.zeros(3), path)
+
+
+def _missing_head(path):
+    state = random_rine_state(WIDTH, N_BLOCKS, 16, 2)
+    del state["head.6.weight"], state["head.6.bias"]
+    torch.save(state, path)
+
+
+def _inconsistent_shapes(path):
+    state = random_rine_state(WIDTH, N_BLOCKS, 16, 2)
+    state["proj2.4.weight"] = torch.zeros(16, 17)
+    torch.save(state, path)
+
+
+def _our_own_checkpoint(path):
+    torch.save(random_rine_state(WIDTH, N_BLOCKS, 16, 2), path.with_name("rine.pth"))
+    torch.save(rps.rine_checkpoint(path.with_name("rine.pth"), "backbone", "off"), path)
+
+
+def _text_file(path):
+    path.write_text("not a checkpoint\n")
+
+
+@pytest.mark.parametrize("write_wrong_file", [_pickled_object, _not_a_dict, _missing_head, _inconsistent_shapes,
+                                              _our_own_checkpoint, _text_file, None])
+def test_import_rine_refuses_a_wrong_file_in_one_line(tmp_path, tiny_backbone, write_wrong_file):
+    if write_wrong_file is not None:  # None: the file does not exist
+        write_wrong_file(tmp_path / "wrong.pth")
+    result = import_rine("wrong.pth", "out.pth", tiny_backbone, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = nonempty_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "wrong.pth" in lines[0], result.stderr
+    assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.parametrize("width, n_blocks", [(WIDTH, N_BLOCKS + 2), (WIDTH + 16, N_BLOCKS)])
+def test_a_backbone_of_another_shape_is_refused_when_loaded(tmp_path, tiny_backbone, width, n_blocks):
+    torch.save(random_rine_state(width, n_blocks, 16, 2), tmp_path / "rine.pth")
+    atomic = rps.rine_checkpoint(tmp_path / "rine.pth", tiny_backbone, "off")
+    rps.atomic_torch_save(atomic, tmp_path / "imported.pth")
+    with pytest.raises(rps.UserError, match=f"width {width} with {n_blocks} blocks, but .* has width 64 with 4 blocks"):
+        rps.load_detector(tmp_path / "imported.pth", device="cpu")
+
+
+# --------------------------------------------------------------------------- training RINE, writing RINE's format
+
+def test_no_use_spectral_trains_rine_and_round_trips_through_rines_format(tmp_path, tiny_backbone):
+    write_demo_tree(tmp_path / "data", {"train": {"nearest": 8, "bilinear": 8}, "val": {"nearest": 4, "bilinear": 4}},
+                    seed=3)
+    result = run_script(["--no-use-spectral", "--data-dir", "data", "--checkpoint-dir", "ckpt",
+                         "--clip-model", tiny_backbone, "--proj-dim", "16", "--nproj", "4", "--epochs", "1",
+                         "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--amp", "off"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trained_path = tmp_path / "ckpt" / rps.BEST_NAME
+    trained = torch.load(trained_path, weights_only=True)
+    layout = rine_layout(WIDTH, N_BLOCKS, 16, 4)
+    assert {k: tuple(v.shape) for k, v in trained["model"].items()} == layout  # exactly RINE's names and shapes
+
+    result = run_script(["export", "--ckpt", trained_path, "--out", "rine_trainable.pth", "--rine-format"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    exported = torch.load(tmp_path / "rine_trainable.pth", weights_only=True)
+    assert type(exported) is dict and {k: tuple(v.shape) for k, v in exported.items()} == layout
+    assert all(torch.equal(exported[k], trained["model"][k]) for k in layout)
+
+    result = import_rine("rine_trainable.pth", "reimported.pth", tiny_backbone, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    images = sample_images(seed=1)
+    trained_model = rps.load_detector(trained_path, device="cpu")
+    reimported_model = rps.load_detector(tmp_path / "reimported.pth", device="cpu")
+    expected = rine_reference_logits(tiny_backbone, exported, images)
+    torch.testing.assert_close(script_logits(trained_model, images), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(rps.predict(reimported_model, images), rps.predict(trained_model, images),
+                               rtol=0, atol=1e-6)
+
+
+def test_rine_mode_without_tie_is_written_with_alpha_zero_and_predicts_the_same(tmp_path, make_cfg):
+    # USE_TIE=False averages over blocks; RINE's format has no such switch, and softmax(0) is that mean.
+    torch.manual_seed(0)
+    model = rps.RINEPlusSSCA(make_cfg(USE_SPECTRAL=False, USE_TIE=False, PROJ_DIM=16)).eval()
+    assert "alpha" not in model.trainable_state_dict()
+    rps.atomic_torch_save(rps.make_checkpoint(model, 1, {}, []), tmp_path / "mean.pth")
+    state = rps.rine_weights(rps.read_checkpoint(tmp_path / "mean.pth"), tmp_path / "mean.pth")
+    assert torch.equal(state["alpha"], torch.zeros(1, N_BLOCKS, 16))
+    torch.save(state, tmp_path / "rine.pth")
+    rps.atomic_torch_save(rps.rine_checkpoint(tmp_path / "rine.pth", model.config["CLIP_MODEL"], "off"),
+                          tmp_path / "imported.pth")
+    images = sample_images(seed=2)
+    np.testing.assert_allclose(rps.predict(rps.load_detector(tmp_path / "imported.pth", device="cpu"), images),
+                               rps.predict(model, images), rtol=0, atol=1e-6)
+
+
+def test_rine_format_refuses_the_full_model_and_a_subset_of_blocks(tmp_path, make_cfg):
+    for overrides, message in ((dict(), "RINE\\+SSCA checkpoint"), (dict(USE_SPECTRAL=False, BLOCKS="0-2"), "BLOCKS")):
+        model = rps.RINEPlusSSCA(make_cfg(**overrides))
+        rps.atomic_torch_save(rps.make_checkpoint(model, 1, {}, []), tmp_path / "model.pth")
+        with pytest.raises(rps.UserError, match=message):
+            rps.rine_weights(rps.read_checkpoint(tmp_path / "model.pth"), tmp_path / "model.pth")
