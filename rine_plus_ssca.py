@@ -1497,7 +1497,9 @@ def one_class_note(rows):
     lonely = [row[0] for row in rows if row[0].endswith(" only)")]
     if not lonely:
         return None
-    return (f"{len(lonely)} of the rows hold one class only and are left out of the mean: {', '.join(lonely)}. "
+    subject = "1 row holds" if len(lonely) == 1 else f"{len(lonely)} rows hold"
+    mean = "no row has both, so there is no mean row" if mean_row_of(rows) is None else "left out of the mean"
+    return (f"{subject} one class only ({mean}): {', '.join(lonely)}. "
             "Their acc is the share called right; AP and AUC need both classes. Pair real images with "
             "--real-dir DIR (one real folder for every row without reals) or --protocol FILE (real folders per row, "
             "e.g. protocols/rine20.json).")
@@ -2368,7 +2370,7 @@ def number_list(kind):
 def build_eval_parser():
     """Options of the eval command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py eval", allow_abbrev=False,
-                                description="Evaluate a checkpoint: one row per generator folder, plus a mean row.")
+                                description="Evaluate a checkpoint: one row per generator, named as the papers name it, plus a mean row over the rows holding both classes.")
     add_model_options(parser)
     parser.add_argument("--data", required=True, help="folder holding <generator>/[<category>/]0_real|1_fake (or real|fake, nature|ai)")
     parser.add_argument("--protocol", default=None, help="a protocol file naming each row's fake and real folders, in order: protocols/rine20.json (RINE's 20 test sets), protocols/synthbuster.json")
