@@ -803,12 +803,21 @@ def normalise_uint8(pixels):
 
 
 class FixedPerturbation:
-    """The same blur (sigma) and/or JPEG (quality) for every image: robustness tests, no randomness."""
+    """The same resize (factor), blur (sigma) and/or JPEG (quality) for every image: robustness tests, no randomness.
 
-    def __init__(self, jpeg_quality=None, blur_sigma=None):
-        self.jpeg_quality, self.blur_sigma = jpeg_quality, blur_sigma
+    In the order a photo meets them on the web: rescaled, then (blurred and) recompressed. The
+    resize is bicubic with antialiasing (PIL widens the filter when it shrinks), as image
+    editors and sharing sites rescale; a plain bilinear or nearest downscale would alias and
+    add traces of its own.
+    """
+
+    def __init__(self, jpeg_quality=None, blur_sigma=None, resize=None):
+        self.jpeg_quality, self.blur_sigma, self.resize = jpeg_quality, blur_sigma, resize
 
     def __call__(self, image):
+        if self.resize is not None and self.resize != 1:
+            size = (max(1, round(image.width * self.resize)), max(1, round(image.height * self.resize)))
+            image = image.resize(size, Image.BICUBIC)
         if self.blur_sigma:
             image = image.filter(ImageFilter.GaussianBlur(radius=self.blur_sigma))
         if self.jpeg_quality is not None:
@@ -855,7 +864,7 @@ class StackCrops:
         return torch.stack([to_uint8_tensor(crop) for crop in crops])
 
 
-def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=False):
+def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=False, resize=None):
     """Test: PIL image -> uint8 tensor [3,CROP,CROP] ([10,3,CROP,CROP] with tencrop).
 
     An optional fixed perturbation, then a centre crop (or the ten crops RINE averages over
@@ -866,7 +875,8 @@ def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=Fals
 
     if train:
         return TrainAugment(cfg)
-    steps = [FixedPerturbation(jpeg_quality, blur_sigma)] if (jpeg_quality is not None or blur_sigma) else []
+    perturbed = jpeg_quality is not None or blur_sigma or resize is not None
+    steps = [FixedPerturbation(jpeg_quality, blur_sigma, resize)] if perturbed else []
     if tencrop:
         steps += [PadToAtLeast(cfg.CROP_SIZE), transforms.TenCrop(cfg.CROP_SIZE), StackCrops()]
     else:
@@ -1416,42 +1426,91 @@ def _cell(value):
 
 
 METRIC_COLUMNS = ["n_real", "n_fake", "acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "skipped"]
+SPLIT_FOLDER_NAMES = {"train", "val", "test"}
 
 
-def per_generator_rows(items, labels, probs, threshold, skipped_per_generator=None):
-    """One metrics row per generator (first folder under the test root) plus the mean row.
+def generator_row_names(labels_per_group, root_name):
+    """The table row of each group, named as the papers name the generator.
 
-    Counts are summed in the mean row; metrics are averaged over generators, as papers do.
+    labels_per_group: {group: set of labels found in it}, groups as scan_image_folder gives them.
+    A trailing split folder is dropped (GenImage: `sdv1.4/val` -> `sdv1.4`). A folder whose
+    sub-folders each hold both classes is one generator with categories (ForenSynths:
+    `progan/car`, `progan/cat` -> `progan`); a folder whose sub-folders hold one class each
+    collects generators (UniversalFakeDetect: `diffusion_datasets/guided` is a row of its own).
+    Images right under the test folder (`real/`, `fake/`) make a row named after it.
+    """
+    def without_split(group):
+        parts = [] if group == "." else group.split("/")
+        while len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDER_NAMES:
+            parts.pop()
+        return tuple(parts)
+
+    labels_at = {}
+    for group, labels in labels_per_group.items():
+        labels_at.setdefault(without_split(group), set()).update(labels)
+
+    def row_name(parts):
+        for depth in range(1, len(parts) + 1):  # the shortest folder path that is one generator
+            below = [other for other in labels_at if other[:depth] == parts[:depth]]
+            if len(below) == 1 or all(len(labels_at[other]) == 2 for other in below):
+                return "/".join(parts[:depth])
+        return "/".join(parts) or root_name
+
+    return {group: row_name(without_split(group)) for group in labels_per_group}
+
+
+def per_generator_rows(items, labels, probs, threshold, skipped_per_generator=None, order=None):
+    """One metrics row per generator (item[2]) in `order` (default: by name), plus the mean row.
+
+    A row holding one class only is named '<generator> (fakes only)' or '(reals only)': its acc
+    is the share called right, it has no AP/AUC, and it stays out of the mean. The mean row
+    averages the metrics of the other rows, as papers do, says how many ('mean (20 generators)')
+    and sums their counts. Without a row holding both classes there is no mean row.
     """
     skipped_per_generator = skipped_per_generator or {}
-    generators = np.array([generator_of(item[2]) for item in items])
-    rows = []
-    for generator in sorted(set(generators) | set(skipped_per_generator)):
+    generators = np.array([item[2] for item in items], dtype=object)
+    names = sorted({item[2] for item in items} | set(skipped_per_generator)) if order is None else order
+    rows, averaged = [], []
+    for generator in names:
         chosen = generators == generator
         metrics = binary_metrics(labels[chosen], probs[chosen], threshold)
         metrics["skipped"] = skipped_per_generator.get(generator, 0)
-        rows.append([generator] + [metrics[c] for c in METRIC_COLUMNS])
-    if rows:
-        counts = [sum(r[i] for r in rows) for i in (1, 2)]
-        means = [float(np.nanmean([r[i] for r in rows])) if any(not math.isnan(r[i]) for r in rows) else float("nan")
-                 for i in range(3, len(METRIC_COLUMNS))]
-        rows.append(["mean"] + counts + means + [sum(r[-1] for r in rows)])
+        row = [generator] + [metrics[c] for c in METRIC_COLUMNS]
+        if metrics["n_real"] and metrics["n_fake"]:
+            averaged.append(row)
+        elif metrics["n_real"] or metrics["n_fake"]:
+            row[0] += " (reals only)" if metrics["n_real"] else " (fakes only)"
+        rows.append(row)
+    if averaged:
+        counts = [sum(r[i] for r in averaged) for i in (1, 2)]
+        means = [float(np.mean([r[i] for r in averaged])) for i in range(3, len(METRIC_COLUMNS))]
+        name = f"mean ({len(averaged)} generator{'s' if len(averaged) > 1 else ''})"
+        rows.append([name] + counts + means + [sum(r[-1] for r in averaged)])
     return rows
 
 
-def collect_test_items(data_dir, real_dir=None, max_per_class=None, seed=0):
-    """Labelled (path, label, generator) items under data_dir, ready for per-generator tables.
+def mean_row_of(rows):
+    """The mean row of a per_generator_rows table, or None when no row holds both classes."""
+    return rows[-1] if rows and rows[-1][0].startswith("mean (") else None
 
-    real_dir: a shared folder of real images (UniversalFakeDetect's diffusion sets keep one
-    real set for many fake-only generators); its images are added to every generator that
-    has no real images of its own. max_per_class: a seeded sample of at most N per class
-    and generator.
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(f"No folder {data_dir}; give --data a folder holding <generator>/0_real|1_fake (or real|fake, nature|ai).")
-    items, unlabeled = scan_image_folder(data_dir)
-    items = [(path, label, generator_of(group)) for path, label, group in items]
+
+def one_class_note(rows):
+    """What to tell a user whose table has rows of one class only, or None."""
+    lonely = [row[0] for row in rows if row[0].endswith(" only)")]
+    if not lonely:
+        return None
+    subject = "1 row holds" if len(lonely) == 1 else f"{len(lonely)} rows hold"
+    mean = "no row has both, so there is no mean row" if mean_row_of(rows) is None else "left out of the mean"
+    return (f"{subject} one class only ({mean}): {', '.join(lonely)}. "
+            "Their acc is the share called right; AP and AUC need both classes. Pair real images with "
+            "--real-dir DIR (one real folder for every row without reals) or --protocol FILE (real folders per row, "
+            "e.g. protocols/rine20.json).")
+
+
+def tree_items(data_dir, real_dir=None):
+    """Items of every labelled image under data_dir, rows named by generator_row_names, sorted by row."""
+    found, unlabeled = scan_image_folder(data_dir)
+    real_paths = None
     if real_dir is not None:
         real_dir = Path(real_dir)
         if not real_dir.is_dir():
@@ -1459,30 +1518,173 @@ def collect_test_items(data_dir, real_dir=None, max_per_class=None, seed=0):
         labelled_reals, unlabeled_reals = scan_image_folder(real_dir)
         real_paths = [path for path, label, _ in labelled_reals if label == 0] + unlabeled_reals
         inside = os.path.abspath(real_dir) + os.sep
-        items = [item for item in items if not os.path.abspath(item[0]).startswith(inside)]
-        fake_only = sorted({g for _, _, g in items} - {g for _, label, g in items if label == 0})
-        items += [(path, 0, generator) for generator in fake_only for path in real_paths]
+        found = [item for item in found if not os.path.abspath(item[0]).startswith(inside)]
+        unlabeled = [path for path in unlabeled if not os.path.abspath(path).startswith(inside)]
+        if unlabeled:  # Synthbuster: <generator>/*.png are all fakes, the reals are elsewhere
+            print(f"note: {len(unlabeled)} images under {data_dir} are in no real/fake folder and are taken as fakes "
+                  f"(the reals are in --real-dir), e.g. {unlabeled[0]}")
+            found += [(path, 1, Path(path).parent.relative_to(data_dir).as_posix()) for path in unlabeled]
     elif unlabeled:
         print(f"note: {len(unlabeled)} images under {data_dir} are in no real/fake folder and are ignored, e.g. {unlabeled[0]}")
+    labels_per_group = {}
+    for _, label, group in found:
+        labels_per_group.setdefault(group, set()).add(label)
+    row_of = generator_row_names(labels_per_group, Path(data_dir).resolve().name)
+    by_row = {}
+    for path, label, group in found:
+        by_row.setdefault(row_of[group], []).append((path, label, row_of[group]))
+    if real_paths is not None:
+        for row, members in by_row.items():
+            if not any(label == 0 for _, label, _ in members):
+                members += [(path, 0, row) for path in real_paths]
+    return [item for row in sorted(by_row) for item in by_row[row]]
+
+
+PROTOCOL_KEYS = {"description", "real_dir", "rows"}
+PROTOCOL_ROW_KEYS = {"name", "folder", "fake", "real"}
+
+
+def read_protocol(path):
+    """A protocol file (JSON): the rows of the table, in order, and the folders of each.
+
+        {"description": "...", "real_dir": "../RAISEpng",
+         "rows": [{"name": "progan", "folder": "progan"},
+                  {"name": "diffusion_datasets/guided", "fake": "diffusion_datasets/guided/1_fake",
+                   "real": "diffusion_datasets/imagenet/0_real"}]}
+
+    Paths are relative to --data. "folder": labels from the label folders inside (0_real/1_fake,
+    real/fake, nature/ai), categories merged; "fake" / "real": every image below is of that class,
+    no label folders needed. Each is one path or a list. A path starting with "{real_dir}" starts
+    at the protocol's real_dir (relative to --data), or at --real-dir when that is given.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"No protocol file {path}; the shipped ones are protocols/rine20.json and protocols/synthbuster.json.")
+    try:
+        protocol = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); see protocols/rine20.json for the format.")
+    if not isinstance(protocol, dict) or not isinstance(protocol.get("rows"), list) or not protocol["rows"]:
+        raise UserError(f"{path} has no \"rows\" list; see protocols/rine20.json for the format.")
+    if set(protocol) - PROTOCOL_KEYS:
+        raise UserError(f"{path}: unknown key {sorted(set(protocol) - PROTOCOL_KEYS)[0]!r}; a protocol has {sorted(PROTOCOL_KEYS)}.")
+    names = set()
+    for number, row in enumerate(protocol["rows"], 1):
+        where = f"{path}, row {number}"
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not row["name"]:
+            raise UserError(f"{where}: a row is an object with a \"name\" and its folders, e.g. {{\"name\": \"progan\", \"folder\": \"progan\"}}.")
+        if set(row) - PROTOCOL_ROW_KEYS:
+            raise UserError(f"{where} ({row['name']}): unknown key {sorted(set(row) - PROTOCOL_ROW_KEYS)[0]!r}; a row has {sorted(PROTOCOL_ROW_KEYS)}.")
+        for key in ("folder", "fake", "real"):
+            value = row.get(key, [])
+            if not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise UserError(f"{where} ({row['name']}): \"{key}\" must be a folder path or a list of them.")
+        if not any(row.get(key) for key in ("folder", "fake", "real")):
+            raise UserError(f"{where} ({row['name']}): give its images as \"folder\", or as \"fake\" and \"real\" folders.")
+        if row["name"] in names:
+            raise UserError(f"{where}: the name {row['name']!r} is used twice.")
+        names.add(row["name"])
+    return protocol
+
+
+def protocol_items(data_dir, protocol, real_dir=None, source="the protocol"):
+    """Items of each protocol row, in the protocol's order.
+
+    A row none of whose own folders ("folder", "fake") exists is left out, and a missing real
+    folder leaves its rows with fakes only; both are named in a warning. A user with part of a
+    benchmark still gets a table of that part.
+    """
+    if real_dir is not None and "real_dir" not in protocol:
+        raise UserError(f"--real-dir has no use with {source}: its rows name their own real folders under --data.")
+    shared_reals = Path(real_dir) if real_dir is not None else (
+        data_dir / protocol["real_dir"] if "real_dir" in protocol else None)
+
+    def locate(folder):
+        if folder == "{real_dir}" or folder.startswith("{real_dir}/"):
+            if shared_reals is None:
+                raise UserError(f"{source} uses {{real_dir}} but sets no \"real_dir\"; give the folder with --real-dir.")
+            return Path(os.path.normpath(shared_reals / folder[len("{real_dir}"):].lstrip("/")))
+        return Path(os.path.normpath(data_dir / folder))
+
+    scans, missing = {}, {}
+
+    def images_of(row, key, label):
+        """(image, label, row name) for the row's folders under `key`; label None: from its label folders."""
+        found = []
+        folders = row.get(key, [])
+        for path in map(locate, [folders] if isinstance(folders, str) else folders):
+            if not path.is_dir():
+                missing.setdefault(str(path), []).append(row["name"])
+                continue
+            if path not in scans:
+                scans[path] = scan_image_folder(path)
+            labelled, unlabeled = scans[path]
+            if label is None:
+                found += [(image, image_label, row["name"]) for image, image_label, _ in labelled]
+                continue
+            opposite = [image for image, image_label, _ in labelled if image_label != label]
+            if opposite:
+                kind, other = ("fake", "real") if label else ("real", "fake")
+                raise UserError(f"{source} gives {path} as {kind} images of {row['name']}, but {opposite[0]} is in a {other} folder.")
+            found += [(image, label, row["name"]) for image in sorted([i for i, _, _ in labelled] + unlabeled)]
+        return found
+
+    items, absent_rows = [], []
+    for row in protocol["rows"]:
+        own = images_of(row, "folder", None) + images_of(row, "fake", 1)
+        if not own:  # its shared reals alone say nothing about this generator
+            absent_rows.append(row["name"])
+            continue
+        items += own + images_of(row, "real", 0)
+    missing = {path: rows for path, rows in missing.items() if set(rows) - set(absent_rows)}
+    if absent_rows and len(absent_rows) < len(protocol["rows"]):
+        print(f"warning: {len(absent_rows)} of the {len(protocol['rows'])} rows of {source} have no images under {data_dir} "
+              f"and are left out: {', '.join(absent_rows)}", file=sys.stderr)
+    for path, rows in missing.items():
+        print(f"warning: no folder {path}, named by {source} for {', '.join(rows)}", file=sys.stderr)
+    return items
+
+
+def collect_test_items(data_dir, real_dir=None, max_per_class=None, seed=0, protocol=None):
+    """Labelled (path, label, row name) items under data_dir, in the order of the table's rows.
+
+    Without a protocol, each generator found in the tree is a row (generator_row_names).
+    real_dir: the simple case of one folder of real images for every row that has none of its
+    own; images under data_dir in no label folder are then taken as fakes (Synthbuster's
+    `<generator>/*.png`). protocol: a protocol file (read_protocol) naming each row's folders,
+    e.g. protocols/rine20.json. max_per_class: a seeded sample of at most N per class and row.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"No folder {data_dir}; give --data a folder holding <generator>/0_real|1_fake (or real|fake, nature|ai).")
+    if protocol is not None:
+        items = protocol_items(data_dir, read_protocol(protocol), real_dir, source=str(protocol))
+        if not items:
+            raise UserError(f"None of the folders named by {protocol} holds images under {data_dir}; "
+                            "give --data the folder its paths start from (e.g. data/test for protocols/rine20.json).")
+    else:
+        items = tree_items(data_dir, real_dir)
     if max_per_class:
         rng = random.Random(seed)
+        position = {row: index for index, row in enumerate(dict.fromkeys(item[2] for item in items))}
         sampled = []
         for key in sorted({(g, label) for _, label, g in items}):
             members = [item for item in items if (item[2], item[1]) == key]
             sampled += members if len(members) <= max_per_class else rng.sample(members, max_per_class)
-        items = sampled
+        items = sorted(sampled, key=lambda item: position[item[2]])
     if not items:
         raise UserError(f"No labelled images under {data_dir}; labels come from folders named 0_real/real/nature and 1_fake/fake/ai.")
     return items
 
 
-def score_items(model, items, batch_size=64, num_workers=4, tencrop=False, jpeg_quality=None, blur_sigma=None):
+def score_items(model, items, batch_size=64, num_workers=4, tencrop=False, jpeg_quality=None, blur_sigma=None,
+                resize=None):
     """P(fake) for each distinct path in items: (dict path -> probability, list of unreadable paths)."""
     device = next(model.parameters()).device
     cfg = SimpleNamespace(**model.config)
     cfg.BATCH_SIZE, cfg.NUM_WORKERS = batch_size, num_workers
     unique_paths = sorted({item[0] for item in items})
-    transform = build_transform(cfg, False, jpeg_quality, blur_sigma, tencrop)
+    transform = build_transform(cfg, False, jpeg_quality, blur_sigma, tencrop, resize)
     loader = make_loader([(path, 0, "") for path in unique_paths], cfg, train=False, device=device, transform=transform)
     indices, _, probs, _, bad = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
     for index, error in bad:
@@ -1491,16 +1693,14 @@ def score_items(model, items, batch_size=64, num_workers=4, tencrop=False, jpeg_
     return scores, [path for path in unique_paths if path not in scores]
 
 
-def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, real_dir=None,
-                    max_per_class=None, tencrop=False, jpeg_quality=None, blur_sigma=None, seed=0):
-    """Score every labelled image under data_dir; returns (table rows, items, labels, probs).
+def evaluate_items(model, items, batch_size=64, num_workers=4, threshold=None, tencrop=False, jpeg_quality=None,
+                   blur_sigma=None, resize=None):
+    """Score collect_test_items' items and tabulate them: (table rows, scored items, labels, probs).
 
-    items/labels/probs are the scored images (unreadable ones are counted per generator in
-    the 'skipped' column and left out).
+    Unreadable images are counted per row in the 'skipped' column and left out of the rest.
     """
     threshold = model.config["THRESHOLD"] if threshold is None else threshold
-    items = collect_test_items(data_dir, real_dir, max_per_class, seed)
-    scores, unreadable = score_items(model, items, batch_size, num_workers, tencrop, jpeg_quality, blur_sigma)
+    scores, unreadable = score_items(model, items, batch_size, num_workers, tencrop, jpeg_quality, blur_sigma, resize)
     unreadable = set(unreadable)
     skipped = {}
     for path, _, generator in items:
@@ -1511,7 +1711,16 @@ def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=Non
     probs = np.array([scores[item[0]] for item in kept], dtype=np.float64)
     if unreadable:
         print(f"warning: {len(unreadable)} unreadable images were skipped, e.g. {sorted(unreadable)[0]}")
-    return per_generator_rows(kept, labels, probs, threshold, skipped), kept, labels, probs
+    order = list(dict.fromkeys(item[2] for item in items))
+    return per_generator_rows(kept, labels, probs, threshold, skipped, order), kept, labels, probs
+
+
+def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, real_dir=None,
+                    max_per_class=None, tencrop=False, jpeg_quality=None, blur_sigma=None, seed=0,
+                    protocol=None, resize=None):
+    """Score every labelled image under data_dir (or a protocol's rows); returns (table rows, items, labels, probs)."""
+    items = collect_test_items(data_dir, real_dir, max_per_class, seed, protocol)
+    return evaluate_items(model, items, batch_size, num_workers, threshold, tencrop, jpeg_quality, blur_sigma, resize)
 
 
 # =====================================================================================
@@ -1578,6 +1787,9 @@ def plot_roc_pr(labels, probs, path):
     plt.close(figure)
 
 
+ROBUSTNESS_LEVEL_NAMES = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "resize factor"}
+
+
 def plot_robustness(kind, levels, mean_rows, clean_row, path):
     """Mean accuracy and AP against the perturbation level, the clean result dashed."""
     plt = _pyplot()
@@ -1586,7 +1798,7 @@ def plot_robustness(kind, levels, mean_rows, clean_row, path):
     for index, name, color in ((acc_index, "accuracy", "C0"), (ap_index, "AP", "C1")):
         axis.plot([str(level) for level in levels], [row[index] for row in mean_rows], marker="o", color=color, label=name)
         axis.axhline(clean_row[index], color=color, linestyle="--", alpha=0.6, label=f"{name}, clean")
-    axis.set(xlabel="JPEG quality" if kind == "jpeg" else "blur sigma", ylim=(0, 1.02), title=f"robustness to {kind}")
+    axis.set(xlabel=ROBUSTNESS_LEVEL_NAMES[kind], ylim=(0, 1.02), title=f"robustness to {kind}")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -2259,13 +2471,15 @@ def number_list(kind):
 def build_eval_parser():
     """Options of the eval command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py eval", allow_abbrev=False,
-                                description="Evaluate a checkpoint: one row per generator folder, plus a mean row.")
+                                description="Evaluate a checkpoint: one row per generator, named as the papers name it, plus a mean row over the rows holding both classes.")
     add_model_options(parser)
     parser.add_argument("--data", required=True, help="folder holding <generator>/[<category>/]0_real|1_fake (or real|fake, nature|ai)")
-    parser.add_argument("--real-dir", default=None, help="shared real images for generator folders that hold only fakes")
+    parser.add_argument("--protocol", default=None, help="a protocol file naming each row's fake and real folders, in order: protocols/rine20.json (RINE's 20 test sets), protocols/synthbuster.json")
+    parser.add_argument("--real-dir", default=None, help="shared real images for every row that has none (then images in no label folder count as fakes); with a protocol: replaces its real_dir")
     parser.add_argument("--max-per-class", type=int, default=None, help="seeded sample of at most N images per class and generator")
     parser.add_argument("--jpeg-quality", type=number_list(int), default=[], help="JPEG quality for every test image, or a sweep: 95,75,50,30")
     parser.add_argument("--blur-sigma", type=number_list(float), default=[], help="Gaussian blur sigma for every test image, or a sweep: 1,2,3")
+    parser.add_argument("--resize", type=number_list(float), default=[], help="rescale every test image by this factor before the crop (bicubic, antialiased), or a sweep: 0.5,0.75,1.5")
     parser.add_argument("--target-fpr", type=float, default=None, help="also report the threshold giving this false-positive rate on reals, e.g. 0.05")
     parser.add_argument("--out", default=None, help="folder for the CSV/Markdown tables and plots (default: next to the checkpoint)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-class sample")
@@ -2284,41 +2498,58 @@ def build_predict_parser():
 
 def run_eval(args):
     """The eval command: per-generator tables (clean, then each perturbation level), CSV/Markdown, plots."""
+    if any(factor <= 0 for factor in args.resize):
+        raise UserError(f"--resize takes factors above 0 (0.5 halves each side), got {args.resize}.")
+    items = collect_test_items(args.data, args.real_dir, args.max_per_class, args.seed, args.protocol)
     model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
     threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold
     out_dir = Path(args.out) if args.out else Path(args.ckpt).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "eval_" + (Path(args.data).resolve().name or "data")
-    conditions = [("clean", None)] + [("jpeg", q) for q in args.jpeg_quality] + [("blur", s) for s in args.blur_sigma]
+    perturbations = {"jpeg": ("jpeg_quality", "quality"), "blur": ("blur_sigma", "sigma"), "resize": ("resize", "factor")}
+    conditions = [("clean", None)] + [(kind, level) for kind in perturbations for level in getattr(args, perturbations[kind][0])]
     columns = ["generator"] + METRIC_COLUMNS
-    csv_rows, markdown, mean_rows = [], [f"# {args.data} with {args.ckpt} (threshold {threshold})\n"], {}
+    markdown = [f"# {args.data} with {args.ckpt} (threshold {threshold})\n"]
+    if args.protocol:
+        description = read_protocol(args.protocol).get("description")
+        line = f"protocol {args.protocol}" + (f": {description}" if description else "")
+        print(line)
+        markdown.append(f"{line}\n")
+    csv_rows, mean_rows, written = [], {}, [f"{stem}.csv", f"{stem}.md"]
     for kind, level in conditions:
-        rows, _, labels, probs = evaluate_folder(
-            model, args.data, args.batch_size, args.num_workers, threshold, real_dir=args.real_dir,
-            max_per_class=args.max_per_class, tencrop=args.tencrop, seed=args.seed,
-            jpeg_quality=level if kind == "jpeg" else None, blur_sigma=level if kind == "blur" else None)
-        condition = "clean" if kind == "clean" else f"{kind} {'quality' if kind == 'jpeg' else 'sigma'} {level}"
+        options = {perturbations[kind][0]: level} if kind != "clean" else {}
+        rows, _, labels, probs = evaluate_items(model, items, args.batch_size, args.num_workers, threshold,
+                                                tencrop=args.tencrop, **options)
+        condition = "clean" if kind == "clean" else f"{kind} {perturbations[kind][1]} {level}"
         print(f"\n{args.data} [{condition}], threshold {threshold}:")
         print(format_table(columns, rows))
         markdown += [f"\n## {condition}\n", format_markdown_table(columns, rows)]
         csv_rows += [[condition] + row for row in rows]
-        mean_rows[(kind, level)] = rows[-1]
-        if kind == "clean":
+        mean_rows[(kind, level)] = mean_row_of(rows)
+        if kind != "clean":
+            continue
+        note = one_class_note(rows)
+        if note:
+            print(f"note: {note}")
+            markdown.append(f"\nNote: {note}\n")
+        if set(labels.tolist()) == {0, 1}:
             plot_roc_pr(labels, probs, out_dir / f"{stem}_roc_pr.png")
-            if args.target_fpr is not None:
-                t = threshold_for_fpr(probs[labels == 0], args.target_fpr)
-                recall = float((probs[labels == 1] >= t).mean()) if (labels == 1).any() else float("nan")
-                line = (f"threshold for a false-positive rate of {args.target_fpr:g} on these real images: {t:.4f} "
-                        f"(fake recall there: {recall:.4f})")
-                print(line)
-                markdown.append(f"\n{line}\n")
+            written.append(f"{stem}_roc_pr.png")
+        if args.target_fpr is not None and not (labels == 0).any():
+            print("note: --target-fpr needs real images; there are none here.")
+        elif args.target_fpr is not None:
+            t = threshold_for_fpr(probs[labels == 0], args.target_fpr)
+            recall = float((probs[labels == 1] >= t).mean()) if (labels == 1).any() else float("nan")
+            line = (f"threshold for a false-positive rate of {args.target_fpr:g} on these real images: {t:.4f} "
+                    f"(fake recall there: {recall:.4f})")
+            print(line)
+            markdown.append(f"\n{line}\n")
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         csv.writer(f).writerows([["condition"] + columns] + [[_cell(v) for v in row] for row in csv_rows])
     (out_dir / f"{stem}.md").write_text("\n".join(markdown) + "\n")
-    written = [f"{stem}.csv", f"{stem}.md", f"{stem}_roc_pr.png"]
-    for kind in ("jpeg", "blur"):
+    for kind in perturbations:
         levels = [level for k, level in conditions if k == kind]
-        if levels:
+        if levels and mean_rows[("clean", None)] is not None:
             plot_robustness(kind, levels, [mean_rows[(kind, level)] for level in levels], mean_rows[("clean", None)],
                             out_dir / f"{stem}_robustness_{kind}.png")
             written.append(f"{stem}_robustness_{kind}.png")

@@ -48,6 +48,7 @@ BENCHMARK = {
     "sdv1.4/val/ai": (4, True, "transposed_conv"),
 }
 GENERATORS = sorted({folder.split("/")[0] for folder in BENCHMARK})
+MEAN = f"mean ({len(GENERATORS)} generators)"  # the mean row says how many rows it averages
 
 TRAIN_OPTIONS = ["--epochs", "1", "--batch-size", "16", "--proj-dim", "32", "--spec-channels", "16",
                  "--fusion-dim", "32", "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu",
@@ -99,7 +100,7 @@ def hand_metrics(labels, scores, threshold=THRESHOLD):
 
 
 def hand_table(items, score_of, generators=None):
-    """{generator: metrics} plus 'mean' (counts summed, metrics averaged over generators)."""
+    """{generator: metrics} plus 'mean (N generators)' (counts summed, metrics averaged over generators)."""
     generators = generators or sorted({g for _, _, g in items})
     table = {}
     for generator in generators:
@@ -109,14 +110,15 @@ def hand_table(items, score_of, generators=None):
     for column in rps.METRIC_COLUMNS:
         values = [table[g][column] for g in generators]
         mean[column] = sum(values) if column in ("n_real", "n_fake", "skipped") else float(np.nanmean(values))
-    table["mean"] = mean
+    table[f"mean ({len(generators)} generators)"] = mean
     return table
 
 
 def assert_csv_block_matches(csv_rows, expected, condition, tolerance=ROUNDED):
     """The CSV rows of one condition equal the expected {generator: metrics} (to 4-decimal rounding)."""
     block = [row for row in csv_rows if row["condition"] == condition]
-    assert [row["generator"] for row in block] == sorted(set(expected) - {"mean"}) + ["mean"], condition
+    mean = [name for name in expected if name.startswith("mean (")]
+    assert [row["generator"] for row in block] == sorted(set(expected) - set(mean)) + mean, condition
     for row in block:
         want = expected[row["generator"]]
         for column in rps.METRIC_COLUMNS:
@@ -203,7 +205,7 @@ def test_eval_csv_matches_sklearn_and_counts_by_hand(model, benchmark, evaluated
     assert list(rows[0].keys()) == ["condition", "generator"] + rps.METRIC_COLUMNS
     assert {row["condition"] for row in rows} == {"clean"}
     expected = hand_table(benchmark["items"], benchmark["score_of"])
-    assert sorted(expected) == sorted(GENERATORS + ["mean"])
+    assert sorted(expected) == sorted(GENERATORS + [MEAN])
     # Counts straight from the layout, not from anything the script computed.
     for generator in GENERATORS:
         folders = {f: spec for f, spec in BENCHMARK.items() if f.split("/")[0] == generator}
@@ -211,8 +213,8 @@ def test_eval_csv_matches_sklearn_and_counts_by_hand(model, benchmark, evaluated
         assert expected[generator]["n_fake"] == sum(n for n, fake, _ in folders.values() if fake)
     assert_csv_block_matches(rows, expected, "clean")
     # The mean row is the mean of the generator rows as written.
-    generator_rows = [row for row in rows if row["generator"] != "mean"]
-    mean_row = [row for row in rows if row["generator"] == "mean"][0]
+    generator_rows = [row for row in rows if row["generator"] != MEAN]
+    mean_row = [row for row in rows if row["generator"] == MEAN][0]
     for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc"):
         average = np.mean([float(row[column]) for row in generator_rows])
         assert abs(float(mean_row[column]) - average) <= 2 * ROUNDED, column
@@ -225,7 +227,7 @@ def test_eval_writes_markdown_and_roc_pr_plot(evaluated):
     markdown = (out / "eval_cnnd_test.md").read_text()
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert table_lines[0] == "| " + " | ".join(["generator"] + rps.METRIC_COLUMNS) + " |"
-    assert sorted(line.split("|")[1].strip() for line in table_lines[1:]) == sorted(GENERATORS + ["mean"])
+    assert sorted(line.split("|")[1].strip() for line in table_lines[1:]) == sorted(GENERATORS + [MEAN])
     for row in evaluated["csv"]:  # the same numbers as the CSV
         assert "| " + " | ".join(row[c] for c in ["generator"] + rps.METRIC_COLUMNS) + " |" in markdown
     assert_is_png(out / "eval_cnnd_test_roc_pr.png")
@@ -243,7 +245,7 @@ def test_evaluate_folder_agrees_with_the_hand_computation_at_full_precision(mode
     own = dict(zip([item[0] for item in items], probs.tolist()))
     expected = hand_table(benchmark["items"], own)
     got = rows_as_table(rows)
-    assert list(got) == GENERATORS + ["mean"]
+    assert list(got) == GENERATORS + [MEAN]
     for generator, metrics in expected.items():
         for column, value in metrics.items():
             assert got[generator][column] == pytest.approx(value, abs=1e-12, nan_ok=True), (generator, column)
@@ -265,7 +267,7 @@ def test_real_dir_pairs_fake_only_generators_with_the_shared_reals(trained, mode
     result = eval_command(trained["ckpt"], "diffusion", "out", "--real-dir", "diffusion/laion", "--num-workers", "0",
                           cwd=tmp_path)
     rows = {row["generator"]: row for row in read_csv(tmp_path / "out" / "eval_diffusion.csv")}
-    assert sorted(rows) == ["guided", "ldm_200", "mean", "progan"], result.stdout[-2000:]  # laion is no generator
+    assert sorted(rows) == ["guided", "ldm_200", "mean (3 generators)", "progan"], result.stdout[-2000:]  # laion is no generator
     reals = [path for path, _, g in items if g == "laion"]
     score_of = dict(zip([p for p, _, _ in items], rps.predict(model, [p for p, _, _ in items]).tolist()))
     for generator, n_fake in (("guided", 3), ("ldm_200", 4)):
@@ -297,7 +299,7 @@ def test_max_per_class_is_a_seeded_sample_of_at_most_n(trained, model, benchmark
     rows = read_csv(tmp_path / "out" / "eval_cnnd_test.csv")
     full = hand_table(benchmark["items"], benchmark["score_of"])
     for row in rows:
-        if row["generator"] != "mean":
+        if not row["generator"].startswith("mean ("):
             assert int(row["n_real"]) == min(limit, full[row["generator"]]["n_real"]), row
             assert int(row["n_fake"]) == min(limit, full[row["generator"]]["n_fake"]), row
 
@@ -341,7 +343,7 @@ def test_robustness_sweep_has_one_block_per_level_and_plots(robustness, model, b
             conditions.append(row["condition"])
     assert conditions == CONDITIONS
     for condition in CONDITIONS:
-        assert [r["generator"] for r in rows if r["condition"] == condition] == GENERATORS + ["mean"], condition
+        assert [r["generator"] for r in rows if r["condition"] == condition] == GENERATORS + [MEAN], condition
     for kind in ("jpeg", "blur"):
         assert_is_png(out / f"eval_cnnd_test_robustness_{kind}.png")
     # Each block is what evaluate_folder gives under that perturbation.

@@ -300,7 +300,7 @@ def test_torchrun_on_cpu_trains_and_validates_like_one_process(torchrun_run):
     mean_bce = float(np.mean(-np.where(labels == 1, np.log(np.clip(probs, 1e-7, 1 - 1e-7)),
                                        np.log(np.clip(1 - probs, 1e-7, 1 - 1e-7)))))
     assert stored["val_bce"] == pytest.approx(mean_bce, rel=1e-4)
-    assert rows[-1][0] == "mean" and rows[-1][1] == expected["n_real"] and rows[-1][2] == expected["n_fake"]
+    assert rows[-1][0] == "mean (2 generators)" and rows[-1][1] == expected["n_real"] and rows[-1][2] == expected["n_fake"]
 
 
 def test_compile_trains_end_to_end_and_computes_what_the_eager_model_computes(tmp_path, tiny_backbone):
