@@ -254,3 +254,29 @@ def test_bias_warning_for_jpeg_quality_and_colour_mode():
     assert any("median quality 95, fake JPEGs 70" in line for line in found), found
     assert any("colour mode" in line for line in found), found
     assert rps.shortcut_warnings(real, rps.header_summary(headers(7, jpeg_quality=92), 224), 224) == []
+
+
+# --------------------------------------------------------------------------- benchmark scripts
+
+def run_benchmark(name, args, cwd):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / name
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_augment_cost_and_dct_scale_benchmarks_print_their_figures(tmp_path):
+    result = run_benchmark("augment_cost.py", ["--sizes", "256,400", "--views", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("256 px", "400 px"))]
+    assert len(rows) == 2 and all(len(row) == 9 for row in rows), result.stdout
+    assert list(tmp_path.iterdir()) == []  # its JPEGs lived in a temporary folder
+
+    write_demo_tree(tmp_path / "demo", {"test": {"nearest": 2}})
+    result = run_benchmark("dct_scale.py", ["--data", tmp_path / "demo" / "test"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shares = {line.split(":")[0].strip(): float(line.split("for ")[1].split("%")[0])
+              for line in result.stdout.splitlines() if "|c| < 0.1" in line}
+    assert set(shares) == {"CLIP-normalised", "0-255"} and shares["0-255"] < shares["CLIP-normalised"]
