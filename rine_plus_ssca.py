@@ -771,8 +771,9 @@ def image_header(path):
     jpeg_quality); None when the file can't be opened."""
     try:
         with Image.open(path) as image:
-            quantization = getattr(image, "quantization", None) if image.format == "JPEG" else None
-            return dict(width=image.width, height=image.height, format=image.format or "unknown", mode=image.mode,
+            image_format = "JPEG" if image.format == "MPO" else image.format or "unknown"  # MPO: a phone's JPEG
+            quantization = getattr(image, "quantization", None) if image_format == "JPEG" else None
+            return dict(width=image.width, height=image.height, format=image_format, mode=image.mode,
                         jpeg_quality=jpeg_quality_estimate(quantization) if quantization else None)
     except Exception:
         return None
