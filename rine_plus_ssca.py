@@ -135,7 +135,7 @@ DEMO_OVERRIDES = dict(
     NUM_WORKERS=2, LOG_EVERY=5, PATCH_BLOCK=2,
 )
 
-CHECKPOINT_FORMAT = 3  # bumped when the checkpoint layout changes (3: RINE's names alpha/proj1/proj2, RINE's head without the spectral branch)
+CHECKPOINT_FORMAT = 3  # bumped when the checkpoint layout or the model's function changes (3: RINE's names and head without the spectral branch; BlockDCT on 0-255 pixels)
 BEST_NAME = "best_rine_plus_ssca.pth"
 LAST_NAME = "last_rine_plus_ssca.pth"
 
@@ -393,25 +393,30 @@ def dct_matrix(n=8):
 
 
 class BlockDCT(nn.Module):
-    """Fixed 8x8 block DCT of each colour channel, log-magnitude, then BatchNorm.
+    """Fixed 8x8 block DCT of each colour channel in 0-255 pixels, log(1 + |c|), then BatchNorm.
 
-    [B,3,H,W] -> [B,3*64,H/8,W/8]. Channel c*64 + 8u + v holds frequency (u, v) of colour c.
-    The log of |DCT| (as in Frank et al. 2020) brings the small high-frequency
-    coefficients, where upsampling leaves its traces, to the same scale as the DC term.
+    [B,3,H,W] (CLIP-normalised) -> [B,3*64,H/8,W/8]. Channel c*64 + 8u + v holds frequency
+    (u, v) of colour c. The DCT is taken of 0-255 pixels, as in Frank et al. 2020: there the
+    high-frequency coefficients, where upsampling leaves its traces, are mostly above 1, so
+    the log really compresses them towards the DC term's scale. (On CLIP-normalised pixels
+    they are about 70 times smaller and log1p would be nearly the identity.)
     """
 
-    def __init__(self, block=8, in_channels=3):
+    def __init__(self, block=8):
         super().__init__()
         basis = dct_matrix(block)
         filters = torch.einsum("ui,vj->uvij", basis, basis).reshape(block * block, 1, block, block)
-        self.register_buffer("filters", filters.repeat(in_channels, 1, 1, 1), persistent=False)
+        self.register_buffer("filters", filters.repeat(3, 1, 1, 1), persistent=False)
+        # Undoes the CLIP normalisation: pixels * std + mean, times 255.
+        self.register_buffer("pixel_scale", torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_offset", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.block = block
-        self.in_channels = in_channels
-        self.norm = nn.BatchNorm2d(in_channels * block * block)
+        self.norm = nn.BatchNorm2d(3 * block * block)
 
     def forward(self, pixels):
         with torch.autocast(device_type=pixels.device.type, enabled=False):  # small coefficients need float32
-            coefficients = F.conv2d(pixels.float(), self.filters, stride=self.block, groups=self.in_channels)
+            pixels_255 = pixels.float() * self.pixel_scale + self.pixel_offset
+            coefficients = F.conv2d(pixels_255, self.filters, stride=self.block, groups=3)
             return self.norm(torch.log1p(coefficients.abs()))
 
 
@@ -735,6 +740,156 @@ def count_table(items):
     return rows
 
 
+# The IJG (libjpeg) luminance quantisation table at quality 50, in natural (row-major) order;
+# encoders scale it for other qualities, which is how a file's quality can be estimated.
+IJG_LUMINANCE_TABLE = (
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+
+
+@functools.lru_cache(maxsize=None)
+def ijg_luminance_tables():
+    """Quality (1-100) -> the IJG luminance table libjpeg writes at that quality, as an array [64]."""
+    base = np.array(IJG_LUMINANCE_TABLE)
+    tables = {}
+    for quality in range(1, 101):
+        scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+        tables[quality] = np.clip((base * scale + 50) // 100, 1, 255)
+    return tables
+
+
+def jpeg_quality_estimate(quantization):
+    """Estimated quality of a JPEG from its tables (PIL's image.quantization): the IJG quality whose
+    luminance table is nearest. Files from other encoders get the nearest IJG equivalent."""
+    table = np.array(list(quantization.get(0, next(iter(quantization.values())))))
+    if table.size != 64:
+        return None
+    return min(ijg_luminance_tables().items(), key=lambda pair: (np.abs(pair[1] - table).sum(), -pair[0]))[0]  # ties: the higher
+
+
+def image_header(path):
+    """What opening a file tells without decoding its pixels: dict(width, height, format, mode,
+    jpeg_quality); None when the file can't be opened."""
+    try:
+        with Image.open(path) as image:
+            image_format = "JPEG" if image.format == "MPO" else image.format or "unknown"  # MPO: a phone's JPEG
+            quantization = getattr(image, "quantization", None) if image_format == "JPEG" else None
+            return dict(width=image.width, height=image.height, format=image_format, mode=image.mode,
+                        jpeg_quality=jpeg_quality_estimate(quantization) if quantization else None)
+    except Exception:
+        return None
+
+
+def header_summary(headers, crop_size):
+    """Sizes, formats, JPEG qualities and colour modes of a list of image_header dicts."""
+    n = len(headers)
+    widths = np.array([h["width"] for h in headers])
+    heights = np.array([h["height"] for h in headers])
+    qualities = [h["jpeg_quality"] for h in headers if h["jpeg_quality"] is not None]
+
+    def shares(key):
+        counts = {}
+        for h in headers:
+            counts[h[key]] = counts.get(h[key], 0) + 1
+        return {value: count / n for value, count in sorted(counts.items(), key=lambda pair: -pair[1])}
+
+    return dict(n=n, widths=widths, heights=heights, shorter_median=float(np.median(np.minimum(widths, heights))),
+                below_crop=float(np.mean(np.minimum(widths, heights) < crop_size)), formats=shares("format"),
+                jpeg_share=sum(h["format"] == "JPEG" for h in headers) / n, modes=shares("mode"),
+                jpeg_quality=float(np.median(qualities)) if qualities else None, n_jpeg_quality=len(qualities))
+
+
+def summary_row(name, summary, crop_size):
+    """One row of the bias report table."""
+    def spread(values):
+        return f"{values.min()}/{int(np.median(values))}/{values.max()}"
+
+    def top(shares):
+        return ",".join(f"{value} {share:.0%}" for value, share in list(shares.items())[:3])
+
+    quality = "-" if summary["jpeg_quality"] is None else f"{summary['jpeg_quality']:.0f}"
+    return (name, summary["n"], spread(summary["widths"]), spread(summary["heights"]), f"{summary['below_crop']:.0%}",
+            top(summary["formats"]), f"{summary['jpeg_share']:.0%}", quality, top(summary["modes"]))
+
+
+BIAS_COLUMNS = ["images", "n", "width min/med/max", "height min/med/max", "under crop", "formats", "JPEG",
+                "JPEG quality (median)", "colour modes"]
+BIAS_SHARE_GAP = 0.3  # real and fake shares further apart than this are a shortcut worth a warning
+BIAS_SIZE_RATIO = 2.0  # ... and median shorter sides this many times apart
+BIAS_QUALITY_GAP = 10  # ... and median JPEG qualities this far apart
+
+
+def shortcut_warnings(real, fake, crop_size):
+    """Warnings, one line each, for differences between the real and fake header summaries that a
+    detector could learn instead of the generator's traces; [] when the classes look alike."""
+    found = []
+
+    def largest_gap(key):
+        values = set(real[key]) | set(fake[key])
+        gaps = [(abs(real[key].get(v, 0) - fake[key].get(v, 0)), v) for v in values]
+        return max(gaps, key=lambda pair: (round(pair[0], 6), pair[1] == "JPEG"), default=(0, None))  # ties: name JPEG
+
+    gap, image_format = largest_gap("formats")
+    if gap > BIAS_SHARE_GAP:
+        found.append(f"{real['formats'].get(image_format, 0):.0%} of real images are {image_format}, "
+                     f"{fake['formats'].get(image_format, 0):.0%} of fakes: the detector can learn the file format; "
+                     "re-encode both classes the same way, or keep JPEG augmentation on (JPEG_PROB 0.5 or more).")
+    if abs(real["below_crop"] - fake["below_crop"]) > BIAS_SHARE_GAP:
+        found.append(f"{real['below_crop']:.0%} of real images and {fake['below_crop']:.0%} of fakes are smaller than the "
+                     f"{crop_size} px crop: the detector can learn the image size from the padding; drop the small "
+                     "images or add small images of the other class.")
+    ratio = max(real["shorter_median"], fake["shorter_median"]) / max(1.0, min(real["shorter_median"], fake["shorter_median"]))
+    if ratio >= BIAS_SIZE_RATIO:
+        found.append(f"real images have a median shorter side of {real['shorter_median']:.0f} px, fakes "
+                     f"{fake['shorter_median']:.0f} px: the detector can learn the image size (how much of the scene a "
+                     "crop shows); pick images of similar size for both classes.")
+    if real["jpeg_quality"] is not None and fake["jpeg_quality"] is not None \
+            and abs(real["jpeg_quality"] - fake["jpeg_quality"]) >= BIAS_QUALITY_GAP:
+        found.append(f"real JPEGs have median quality {real['jpeg_quality']:.0f}, fake JPEGs {fake['jpeg_quality']:.0f}: "
+                     "the detector can learn the compression strength; re-encode both classes at the same quality, "
+                     "or keep JPEG augmentation on.")
+    gap, mode = largest_gap("modes")
+    if gap > BIAS_SHARE_GAP:
+        found.append(f"{real['modes'].get(mode, 0):.0%} of real images and {fake['modes'].get(mode, 0):.0%} of fakes are "
+                     f"stored in colour mode {mode}: the detector can learn the colour conversion (grey, palette, "
+                     "alpha); convert both classes to RGB the same way.")
+    return found
+
+
+def bias_report(items, headers, crop_size):
+    """(table rows per label and per generator folder, shortcut warnings) from items and their
+    image_header dicts (None for unreadable files, left out)."""
+    groups = {}
+    for (_, label, group), header in zip(items, headers):
+        if header is not None:
+            groups.setdefault(("all", label), []).append(header)
+            groups.setdefault((group, label), []).append(header)
+    summaries = {key: header_summary(members, crop_size) for key, members in groups.items()}
+    rows = []
+    for group in ["all"] + sorted({group for group, _ in summaries if group != "all"}):
+        for label, name in ((0, "real"), (1, "fake")):
+            if (group, label) in summaries:
+                rows.append(summary_row(f"{name}" if group == "all" else f"{group} {name}", summaries[(group, label)],
+                                        crop_size))
+    both = ("all", 0) in summaries and ("all", 1) in summaries
+    return rows, shortcut_warnings(summaries[("all", 0)], summaries[("all", 1)], crop_size) if both else []
+
+
+def print_shortcut_warnings(items, crop_size, seed, per_class=2000, write=print):
+    """The shortcut warnings of check-data for a training set, from file headers only (no decoding);
+    a seeded sample of `per_class` images per class stands for a larger set."""
+    rng = random.Random(seed)
+    sample = []
+    for label in (0, 1):
+        members = [item for item in items if item[1] == label]
+        sample += rng.sample(members, per_class) if len(members) > per_class else members
+    _, found = bias_report(sample, [image_header(path) for path, _, _ in sample], crop_size)
+    for line in found:
+        write(f"warning: possible shortcut: {line} (run check-data for the full report)")
+    return found
+
+
 def open_image(path):
     """Decode an image file fully into 8-bit RGB; a decompression bomb is an error, not a warning."""
     with warnings.catch_warnings():
@@ -763,34 +918,74 @@ def jpeg_reencode(image, quality):
     return Image.open(buffer).convert("RGB")
 
 
+GRID = 8  # the DCT's block side, and JPEG's: every crop starts on a multiple of it in the image
+JPEG_MCU = 16  # JPEG's largest block (colour subsampled 2x): re-encoded windows start on multiples of it
+
+
+def on_grid(value, step=GRID):
+    """The largest multiple of `step` not above `value` (value >= 0)."""
+    return value // step * step
+
+
+def crop_origins(length, crop):
+    """Every crop start on the 8-pixel grid that keeps the crop inside `length` (>= crop) pixels."""
+    return range(0, length - crop + 1, GRID)
+
+
 class TrainAugment:
     """Training view of one image, every random choice drawn from `generator`, so a seed fixes the view.
 
-    Gaussian blur (p, sigma~U[0,max]) and JPEG re-encoding (p, quality~U{min..100}) on the
-    whole image, as CNNDetection and RINE do; then a random crop (smaller images are
-    zero-padded first, never resized) and a horizontal flip. -> uint8 array [3,crop,crop].
+    Gaussian blur (p, sigma~U[0,max]) and JPEG re-encoding (p, quality~U{min..100}) as
+    CNNDetection and RINE do; a random crop whose origin is on the image's 8-pixel grid, as
+    the test crops are (smaller images are reflect-padded first, never resized); a horizontal
+    flip. -> uint8 array [3,crop,crop].
+
+    Blur and JPEG run on a window around the crop, not the whole image, so a large image costs
+    little more than its decoding: the window reaches `margin` pixels beyond the crop (more
+    than the blur's reach plus one JPEG block) and starts on JPEG's 16-pixel grid, so the crop
+    comes out the same as if the whole image had been blurred and re-encoded. An image no
+    larger than the crop plus the margins (256 px ones) is its own window.
+    whole_image=True augments the whole image instead (for comparisons).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, whole_image=False):
         self.crop = cfg.CROP_SIZE
         self.blur_prob, self.blur_sigma_max = cfg.BLUR_PROB, cfg.BLUR_SIGMA_MAX
         self.jpeg_prob, self.jpeg_quality_min = cfg.JPEG_PROB, cfg.JPEG_QUALITY_MIN
+        blur_reach = math.ceil(3 * self.blur_sigma_max) + 1
+        self.margin = None if whole_image else JPEG_MCU * math.ceil((blur_reach + JPEG_MCU + 2) / JPEG_MCU)
 
     def __call__(self, image, generator):
         def uniform():
             return torch.rand(1, generator=generator).item()
 
-        if uniform() < self.blur_prob:
-            sigma = uniform() * self.blur_sigma_max
-            if sigma > 0:
-                image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
-        if uniform() < self.jpeg_prob:
-            image = jpeg_reencode(image, torch.randint(self.jpeg_quality_min, 101, (1,), generator=generator).item())
+        def pick(choices):
+            return choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
+
+        sigma = uniform() * self.blur_sigma_max if uniform() < self.blur_prob else 0.0
+        quality = torch.randint(self.jpeg_quality_min, 101, (1,), generator=generator).item() if uniform() < self.jpeg_prob else None
+        # The crop, in the coordinates of the image padded to at least crop x crop.
+        pad_left, pad_top = PadToAtLeast.left_top(self.crop, image.width, image.height)
+        top = pick(crop_origins(max(image.height, self.crop), self.crop)) - pad_top
+        left = pick(crop_origins(max(image.width, self.crop), self.crop)) - pad_left
+        flip = uniform() < 0.5
+
+        window = (0, 0, image.width, image.height)
+        if self.margin is not None:
+            window = (max(0, on_grid(left - self.margin, JPEG_MCU)), max(0, on_grid(top - self.margin, JPEG_MCU)),
+                      min(image.width, left + self.crop + self.margin), min(image.height, top + self.crop + self.margin))
+            if window != (0, 0, image.width, image.height):
+                image = image.crop(window)
+        if sigma > 0:
+            image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
+        if quality is not None:
+            image = jpeg_reencode(image, quality)
+        # A window narrower than the crop is the whole image on that side, padded as the whole image would be.
         image = PadToAtLeast(self.crop)(image)
-        top = int(torch.randint(0, image.height - self.crop + 1, (1,), generator=generator))
-        left = int(torch.randint(0, image.width - self.crop + 1, (1,), generator=generator))
-        pixels = np.asarray(image.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
-        if uniform() < 0.5:
+        window_left, window_top = PadToAtLeast.left_top(self.crop, window[2] - window[0], window[3] - window[1])
+        x, y = left - window[0] + window_left, top - window[1] + window_top
+        pixels = np.asarray(image.crop((x, y, x + self.crop, y + self.crop)), dtype=np.uint8)
+        if flip:  # keeps the grid: the crop side is a multiple of 8
             pixels = pixels[:, ::-1]
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
@@ -826,18 +1021,28 @@ class FixedPerturbation:
 
 
 class PadToAtLeast:
-    """Zero-pad (centred) so both sides are at least `size`; larger images are left alone."""
+    """Reflect-pad so both sides are at least `size`; larger images are left alone.
+
+    A mirror image of the picture, not a black border: a border that only small images have
+    (e.g. 128 px BigGAN fakes next to large real photos) would tell the detector the class.
+    The left and top pads are multiples of 8, so the image's 8-pixel grid stays the crop's grid.
+    """
 
     def __init__(self, size):
         self.size = size
 
-    def __call__(self, image):
-        from torchvision.transforms import functional as TF
+    @staticmethod
+    def left_top(size, width, height):
+        """(left, top) padding of a width x height image."""
+        return on_grid(max(0, size - width) // 2), on_grid(max(0, size - height) // 2)
 
+    def __call__(self, image):
         pad_w, pad_h = max(0, self.size - image.width), max(0, self.size - image.height)
-        if pad_w or pad_h:
-            image = TF.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2])
-        return image
+        if not (pad_w or pad_h):
+            return image
+        left, top = self.left_top(self.size, image.width, image.height)
+        pixels = np.pad(np.asarray(image), ((top, pad_h - top), (left, pad_w - left), (0, 0)), mode="reflect")
+        return Image.fromarray(pixels)
 
 
 def to_uint8_tensor(image):
@@ -846,19 +1051,36 @@ def to_uint8_tensor(image):
 
 
 class CentreCrop:
-    """Zero-pad to at least `size`, then the central size x size window (torchvision's rounding)."""
+    """Reflect-pad to at least `size`, then the central size x size window, its origin rounded
+    down to the 8-pixel grid (so the DCT's blocks sit on the image's, as in training)."""
 
     def __init__(self, size):
         self.size = size
 
     def __call__(self, image):
         image = PadToAtLeast(self.size)(image)
-        top, left = int(round((image.height - self.size) / 2.0)), int(round((image.width - self.size) / 2.0))
+        top, left = on_grid((image.height - self.size) // 2), on_grid((image.width - self.size) // 2)
         return image.crop((left, top, left + self.size, top + self.size))
 
 
+class TenCrops:
+    """RINE's ten crops on the 8-pixel grid: four corners (the far ones rounded down to the grid),
+    the centre, and the mirror image of each. -> tuple of 10 PIL crops."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        image = PadToAtLeast(self.size)(image)
+        right, bottom = on_grid(image.width - self.size), on_grid(image.height - self.size)
+        centre_top, centre_left = on_grid((image.height - self.size) // 2), on_grid((image.width - self.size) // 2)
+        origins = [(0, 0), (right, 0), (0, bottom), (right, bottom), (centre_left, centre_top)]
+        crops = [image.crop((x, y, x + self.size, y + self.size)) for x, y in origins]
+        return tuple(crops + [crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for crop in crops])
+
+
 class StackCrops:
-    """TenCrop's tuple of PIL crops -> uint8 tensor [10,3,H,W]."""
+    """A tuple of PIL crops -> uint8 tensor [10,3,H,W]."""
 
     def __call__(self, crops):
         return torch.stack([to_uint8_tensor(crop) for crop in crops])
@@ -868,8 +1090,8 @@ def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=Fals
     """Test: PIL image -> uint8 tensor [3,CROP,CROP] ([10,3,CROP,CROP] with tencrop).
 
     An optional fixed perturbation, then a centre crop (or the ten crops RINE averages over
-    for large images); never a resize. Train: the seeded TrainAugment. Both give uint8
-    pixels, normalised on the device by normalise_uint8.
+    for large images), on the 8-pixel grid as the training crops are; never a resize. Train:
+    the seeded TrainAugment. Both give uint8 pixels, normalised on the device by normalise_uint8.
     """
     from torchvision import transforms
 
@@ -878,7 +1100,7 @@ def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=Fals
     perturbed = jpeg_quality is not None or blur_sigma or resize is not None
     steps = [FixedPerturbation(jpeg_quality, blur_sigma, resize)] if perturbed else []
     if tencrop:
-        steps += [PadToAtLeast(cfg.CROP_SIZE), transforms.TenCrop(cfg.CROP_SIZE), StackCrops()]
+        steps += [TenCrops(cfg.CROP_SIZE), StackCrops()]
     else:
         steps += [CentreCrop(cfg.CROP_SIZE), to_uint8_tensor]
     return transforms.Compose(steps)
@@ -1072,6 +1294,7 @@ def prepare_splits(cfg):
             missing = "real (0_real/real/nature)" if real == 0 else "fake (1_fake/fake/ai)"
             raise UserError(f"The {name} set has no {missing} images; a detector needs both classes. "
                             f"Add a folder of {missing.split(' ')[0]} images next to the other one.")
+    print_shortcut_warnings(train_items, cfg.CROP_SIZE, cfg.SEED)
     return train_items, val_items
 
 
@@ -1079,7 +1302,7 @@ def prepare_splits(cfg):
 # Feature cache: the frozen backbone's tokens, computed once per (image, view)
 # =====================================================================================
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # bumped when an entry's meaning changes (2: crops on the 8-pixel grid, reflect padding)
 EMPTY, FILLED, UNREADABLE = 0, 1, 2
 _TOKEN_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 as raw bits
 
@@ -2615,21 +2838,24 @@ def run_predict(args):
 def build_check_data_parser():
     """Options of the check-data command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py check-data", allow_abbrev=False,
-                                description="Scan a folder tree without training: unreadable, tiny and unlabeled files, label counts.")
+                                description="Scan a folder tree without training: unreadable, tiny and unlabeled files, label counts, and a bias report (sizes, formats, JPEG qualities, colour modes of real vs fake) that warns of shortcuts.")
     parser.add_argument("--data", required=True, help="folder to scan, e.g. data/train or data")
     parser.add_argument("--min-side", type=int, default=64, help="images with a side shorter than this are listed as tiny")
+    parser.add_argument("--crop-size", type=int, default=CROP_SIZE,
+                        help="the training crop (CROP_SIZE): the bias report counts images smaller than it")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding processes")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
 
 def inspect_image(path):
-    """(path, width, height, error text or None): the full decode a training run would do."""
+    """(path, width, height, error text or None, image_header or None): the full decode a training run would do."""
     try:
+        header = image_header(path)
         image = open_image(path)
-        return path, image.width, image.height, None
+        return path, image.width, image.height, None, header
     except Exception as error:
-        return path, 0, 0, f"{type(error).__name__}: {error}"
+        return path, 0, 0, f"{type(error).__name__}: {error}", None
 
 
 def run_check_data(args):
@@ -2646,10 +2872,17 @@ def run_check_data(args):
     print(f"checking {len(paths)} image files under {root} with {args.workers} processes ...")
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         results = list(pool.map(inspect_image, paths, chunksize=64))
-    unreadable = [(path, error) for path, _, _, error in results if error]
-    tiny = [(path, w, h) for path, w, h, error in results if not error and min(w, h) < args.min_side]
+    unreadable = [(path, error) for path, _, _, error, _ in results if error]
+    tiny = [(path, w, h) for path, w, h, error, _ in results if not error and min(w, h) < args.min_side]
     print(f"\nlabel counts per folder (under {root}):")
     print(format_table(["folder", "real", "fake"], count_table(items)))
+    if items:
+        rows, found = bias_report(items, [result[4] for result in results[:len(items)]], args.crop_size)
+        print(f"\nbias report (readable images; 'under crop': a side under the {args.crop_size} px crop, reflect-padded):")
+        print(format_table(BIAS_COLUMNS, rows))
+        print(f"possible shortcuts (real and fake differ): {len(found)}")
+        for line in found:
+            print(f"  warning: {line}")
     print(f"\nunreadable images: {len(unreadable)}")
     for path, error in unreadable:
         print(f"  {path}  ({error})")

@@ -512,13 +512,14 @@ def test_predict_scores_every_kind_of_image_and_skips_the_rest(own_images, model
 
 
 def test_tencrop_averages_the_ten_crops(own_images, model):
-    """RINE's test-time averaging: four corners and the centre, each also mirrored (torchvision's TenCrop)."""
+    """RINE's test-time averaging: four corners and the centre, each also mirrored, on the 8-pixel grid."""
     plain = {Path(r["path"]).name: float(r["p_fake"]) for r in read_csv(own_images["root"] / "plain.csv") if r["p_fake"]}
     tencrop = {Path(r["path"]).name: float(r["p_fake"]) for r in read_csv(own_images["root"] / "tencrop.csv") if r["p_fake"]}
     large = rps.load_rgb(own_images["readable"]["large.jpg"])
     assert large.size == (600, 500)
     s, (w, h) = 224, large.size
-    corners = [(0, 0), (w - s, 0), (0, h - s), (w - s, h - s), ((w - s) // 2, (h - s) // 2)]
+    grid = lambda v: v // 8 * 8  # noqa: E731  (crops start on the image's 8-pixel grid, as in training)
+    corners = [(0, 0), (grid(w - s), 0), (0, grid(h - s)), (grid(w - s), grid(h - s)), (grid((w - s) // 2), grid((h - s) // 2))]
     crops = [large.crop((x, y, x + s, y + s)) for x, y in corners]
     crops += [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
     assert abs(tencrop["large.jpg"] - float(np.mean(rps.predict(model, crops)))) <= ROUNDED
@@ -526,7 +527,8 @@ def test_tencrop_averages_the_ten_crops(own_images, model):
     assert abs(plain["large.jpg"] - tencrop["large.jpg"]) > 1e-6
     # A small image is padded to one crop: the ten crops are it and its mirror, five times each.
     tiny = rps.load_rgb(own_images["readable"]["tiny.png"])
-    mirrored = float(np.mean(rps.predict(model, [tiny, tiny.transpose(Image.FLIP_LEFT_RIGHT)])))
+    padded = rps.PadToAtLeast(s)(tiny)
+    mirrored = float(np.mean(rps.predict(model, [padded, padded.transpose(Image.FLIP_LEFT_RIGHT)])))
     assert abs(tencrop["tiny.png"] - mirrored) <= ROUNDED
     assert abs(plain["tiny.png"] - float(rps.predict(model, tiny)[0])) <= ROUNDED
 
