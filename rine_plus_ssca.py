@@ -994,25 +994,30 @@ class SeededEpochSampler(torch.utils.data.Sampler):
         return iter([(int(i), sample_seed(self.seed, int(i), view), view) for i in self._order()])
 
 
-def _worker_ignores_stop_signals(worker_id):
+def _worker_ignores_stop_signals(worker_id, main_process=None):
     """Data workers ignore Ctrl-C, and SIGTERM from anyone but the main process.
 
     A terminal's Ctrl-C and a scheduler's SIGTERM reach every process of the run (its process group,
     or all processes of the job); the workers keep serving batches while the main process finishes
     its step, saves and shuts them down. The main process's own SIGTERM still ends a worker: Python
     sends it to workers left alive at exit (then waits for them), so a worker that ignored it would
-    keep the run from ever ending. A thread tells the senders apart (sigwaitinfo names the sender).
+    keep the run from ever ending. A thread tells the senders apart (sigwaitinfo names the sender);
+    `main_process` is the main process's id where it is not the worker's parent (a forkserver).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS: leave the process group, so group signals miss the worker
+    # Blocking SIGTERM for the thread below only works while this is the process's one thread (a
+    # forked worker); otherwise (spawned workers, macOS) the worker leaves the process group instead:
+    # group signals then miss it, and any SIGTERM ends it.
+    threads = Path(f"/proc/{os.getpid()}/task")
+    if not (hasattr(signal, "sigwaitinfo") and threads.is_dir() and len(list(threads.iterdir())) == 1):
         if hasattr(os, "setpgrp"):
             os.setpgrp()
         return
-    main_process = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # blocked here, the thread below receives it
+    main_processes = {os.getppid(), main_process or os.getppid()}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     def end_when_the_main_process_asks():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_process:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid not in main_processes:
             pass
         os._exit(0)
 
@@ -1032,7 +1037,7 @@ def make_loader(items, cfg, train, device, transform=None, sampler=None, cache=N
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         collate_fn=collate_skipping_bad,
-        worker_init_fn=_worker_ignores_stop_signals,
+        worker_init_fn=functools.partial(_worker_ignores_stop_signals, main_process=os.getpid()),
         generator=torch.Generator().manual_seed(0),  # its own RNG: starting an epoch leaves torch's global RNG alone
     )
 
