@@ -38,6 +38,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -150,6 +151,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class UserError(Exception):
     """A mistake the user can fix; printed as one line without a traceback."""
+
+
+class RunInterrupted(UserError):
+    """Training stopped by Ctrl-C or SIGTERM after saving where to resume: not a failure, so printed
+    without "error:"; the exit code is 128 + the signal's number, as shells report it (130 or 143)."""
+
+    def __init__(self, message, signal_number=signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signal_number)
 
 
 def default_config():
@@ -1218,11 +1228,34 @@ class SeededEpochSampler(torch.utils.data.Sampler):
         return iter([(int(i), sample_seed(self.seed, int(i), view), view) for i in self._order()])
 
 
-def _worker_ignores_stop_signals(worker_id):
-    """Data workers ignore Ctrl-C and SIGTERM sent to the whole process group (as a terminal or a
-    cluster scheduler does): the main process saves the checkpoint, then shuts them down."""
+def _worker_ignores_stop_signals(worker_id, main_process=None):
+    """Data workers ignore Ctrl-C, and SIGTERM from anyone but the main process.
+
+    A terminal's Ctrl-C and a scheduler's SIGTERM reach every process of the run (its process group,
+    or all processes of the job); the workers keep serving batches while the main process finishes
+    its step, saves and shuts them down. The main process's own SIGTERM still ends a worker: Python
+    sends it to workers left alive at exit (then waits for them), so a worker that ignored it would
+    keep the run from ever ending. A thread tells the senders apart (sigwaitinfo names the sender);
+    `main_process` is the main process's id where it is not the worker's parent (a forkserver).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Blocking SIGTERM for the thread below only works while this is the process's one thread (a
+    # forked worker); otherwise (spawned workers, macOS) the worker leaves the process group instead:
+    # group signals then miss it, and any SIGTERM ends it.
+    threads = Path(f"/proc/{os.getpid()}/task")
+    if not (hasattr(signal, "sigwaitinfo") and threads.is_dir() and len(list(threads.iterdir())) == 1):
+        if hasattr(os, "setpgrp"):
+            os.setpgrp()
+        return
+    main_processes = {os.getppid(), main_process or os.getppid()}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def end_when_the_main_process_asks():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid not in main_processes:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=end_when_the_main_process_asks, daemon=True).start()
 
 
 def make_loader(items, cfg, train, device, transform=None, sampler=None, cache=None, batch_size=None):
@@ -1238,16 +1271,29 @@ def make_loader(items, cfg, train, device, transform=None, sampler=None, cache=N
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         collate_fn=collate_skipping_bad,
-        worker_init_fn=_worker_ignores_stop_signals,
+        worker_init_fn=functools.partial(_worker_ignores_stop_signals, main_process=os.getpid()),
         generator=torch.Generator().manual_seed(0),  # its own RNG: starting an epoch leaves torch's global RNG alone
     )
 
 
-class BadImageLog:
-    """Reports each unreadable file once, and stops when a split has too many of them."""
+def shut_down_workers(*loaders):
+    """End the loaders' worker processes now, rather than whenever the loaders are garbage-collected."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # persistent workers live in the loader's iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        loader._iterator = None
 
-    def __init__(self, split_name, paths, max_fraction):
+
+class BadImageLog:
+    """Reports each unreadable file once; `check` stops the run when a split has too many of them.
+
+    `n_images` is the split's size when `paths` is one process's shard of it (torchrun).
+    """
+
+    def __init__(self, split_name, paths, max_fraction, n_images=None):
         self.split_name, self.paths, self.max_fraction = split_name, paths, max_fraction
+        self.n_images = len(paths) if n_images is None else n_images
         self.bad = {}
 
     def add(self, bad, write=print):
@@ -1256,9 +1302,16 @@ class BadImageLog:
             if path not in self.bad:
                 self.bad[path] = error
                 write(f"warning: skipped unreadable image {path} ({error})")
-        if len(self.bad) > self.max_fraction * len(self.paths):
-            examples = "; ".join(list(self.bad)[:3])
-            raise UserError(f"{len(self.bad)} of {len(self.paths)} {self.split_name} images are unreadable (more than "
+
+    def too_many(self, n_bad):
+        return n_bad > self.max_fraction * self.n_images
+
+    def check(self, bad_paths=None):
+        """UserError when too many images are unreadable; `bad_paths`: those found by all processes."""
+        bad_paths = list(self.bad) if bad_paths is None else bad_paths
+        if self.too_many(len(bad_paths)):
+            examples = "; ".join(bad_paths[:3])
+            raise UserError(f"{len(bad_paths)} of {self.n_images} {self.split_name} images are unreadable (more than "
                             f"MAX_BAD_FRACTION={self.max_fraction}), e.g. {examples}. Run `python rine_plus_ssca.py "
                             "check-data --data DIR` to list them, then remove or re-download them.")
 
@@ -1413,10 +1466,8 @@ def backbone_fingerprint(backbone):
     return digest.hexdigest()
 
 
-def open_feature_cache(split_name, items, cfg, backbone, n_views, rank=0):
-    """The FeatureCache for one split, its folder keyed by everything its entries depend on."""
-    if backbone.patch_block is not None:
-        raise UserError("CACHE_FEATURES stores CLS tokens only; use it with SPECTRAL_INPUT='dct' (or turn the cache off).")
+def feature_cache_folder(split_name, items, cfg, backbone, n_views):
+    """The cache folder of one split, named by a digest of everything its entries depend on (reads every file's size and time)."""
     digest = hashlib.sha256(backbone_fingerprint(backbone).encode())
     constants = {name: getattr(cfg, name) for name in ("CROP_SIZE", "BLUR_PROB", "BLUR_SIGMA_MAX", "JPEG_PROB",
                                                          "JPEG_QUALITY_MIN", "SEED")}
@@ -1425,8 +1476,16 @@ def open_feature_cache(split_name, items, cfg, backbone, n_views, rank=0):
         stat = os.stat(path)
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
     root = Path(cfg.CACHE_DIR) if cfg.CACHE_DIR else Path(cfg.CHECKPOINT_DIR) / "cache"
-    cache = FeatureCache(root / f"{split_name}-{digest.hexdigest()[:16]}", len(items), n_views, len(backbone.blocks),
-                         backbone.width, cfg.CROP_SIZE, backbone.clip.dtype)
+    return root / f"{split_name}-{digest.hexdigest()[:16]}"
+
+
+def open_feature_cache(split_name, items, cfg, backbone, n_views, rank=0, folder=None):
+    """The FeatureCache for one split, in `folder` (by default feature_cache_folder's)."""
+    if backbone.patch_block is not None:
+        raise UserError("CACHE_FEATURES stores CLS tokens only; use it with SPECTRAL_INPUT='dct' (or turn the cache off).")
+    folder = folder or feature_cache_folder(split_name, items, cfg, backbone, n_views)
+    cache = FeatureCache(folder, len(items), n_views, len(backbone.blocks), backbone.width, cfg.CROP_SIZE,
+                         backbone.clip.dtype)
     if rank == 0:
         total = cache.entry_bytes() * len(items) * n_views
         if cache.create_or_open():
@@ -2360,11 +2419,15 @@ def nonfinite_error(epoch, step, cfg, last_path):
 
 
 def setup_distributed(cfg):
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
-    NCCL with one GPU per process, gloo on the CPU. Other ranks print nothing."""
+    """(rank, world_size, device, control_group). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL with one GPU per process, gloo on the CPU. Other ranks print nothing.
+
+    control_group (None in one process) carries the processes' joint decisions (stop now, the file
+    list) on the CPU, over gloo, so that making them never waits for the GPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return 0, 1, resolve_device(cfg.DEVICE)
+        return 0, 1, resolve_device(cfg.DEVICE), None
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -2372,12 +2435,41 @@ def setup_distributed(cfg):
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    control_group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
     rank = dist.get_rank()
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints and saves
     if cfg.BATCH_SIZE % world_size:
         raise UserError(f"BATCH_SIZE={cfg.BATCH_SIZE} must be divisible by the {world_size} processes (it is the global batch).")
-    return rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), control_group
+
+
+def on_rank_zero(compute, rank, control_group):
+    """compute() done by process 0 alone and its result (or its error) handed to all processes.
+
+    For work that reads every file (listing the data, the cache's key): once, not once per process,
+    and a UserError ends every process, not only the one that found it.
+    """
+    if control_group is None:
+        return compute()
+    import torch.distributed as dist
+
+    outcome = [None]
+    if rank == 0:
+        try:
+            outcome[0] = ("result", compute())
+        except UserError as error:
+            outcome[0] = ("user error", str(error))
+        except BaseException as error:
+            dist.broadcast_object_list([("failure", f"{type(error).__name__}: {error}")], src=0, group=control_group)
+            raise
+    dist.broadcast_object_list(outcome, src=0, group=control_group)
+    kind, value = outcome[0]
+    if kind == "user error":
+        raise UserError(value)
+    if kind == "failure":
+        raise RuntimeError(f"process 0 failed: {value}")
+    return value
 
 
 def gather_scores(indices, labels, probs, bce_sum, world_size):
@@ -2396,16 +2488,17 @@ class GracefulStop:
     """Ctrl-C or SIGTERM during training: finish the current step, save, then stop.
 
     Stopping between steps keeps the saved position exact; a second Ctrl-C stops at once.
+    `requested` is the signal received (0 while none).
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested = 0
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signum
 
     def __enter__(self):
         try:
@@ -2422,6 +2515,55 @@ class GracefulStop:
     def check(self):
         if self.requested:
             raise KeyboardInterrupt
+
+    def interruption(self, resume_at, last_path):
+        """The RunInterrupted to raise once the resume point `resume_at` (epoch, step) is saved in last_path."""
+        received = self.requested or signal.SIGINT  # a KeyboardInterrupt without a signal seen here: Ctrl-C
+        how = "Ctrl-C" if received == signal.SIGINT else signal.Signals(received).name
+        return RunInterrupted(f"Interrupted by {how} at epoch {resume_at[0]}, step {resume_at[1]}; saved {last_path}. "
+                              "Continue with --resume.", received)
+
+
+def end_run_if_asked(bad_logs, stop=None, control_group=None):
+    """Between steps: end the run when a split has too many unreadable images (UserError) or when a stop
+    was asked for (KeyboardInterrupt, then saved by train).
+
+    Under torchrun all processes reach the same verdict at the same step, whichever of them saw the
+    images or the signal: one that stopped alone would leave the others waiting in a collective.
+    """
+    if control_group is not None:
+        import torch.distributed as dist
+
+        asked = stop.requested if stop is not None else 0
+        counts = torch.tensor([int(asked == signal.SIGINT), int(asked == signal.SIGTERM)] + [len(log.bad) for log in bad_logs])
+        dist.all_reduce(counts, group=control_group)
+        for log, n_bad in zip(bad_logs, counts[2:].tolist()):
+            if log.too_many(n_bad):  # at most this many: one image can be unreadable to several processes
+                found = [None] * dist.get_world_size(control_group)
+                dist.all_gather_object(found, list(log.bad), group=control_group)
+                log.check(sorted(set().union(*found)))
+        if stop is not None and not stop.requested and counts[:2].any():
+            stop.requested = signal.SIGTERM if counts[1] else signal.SIGINT
+    for log in bad_logs:
+        log.check()
+    if stop is not None:
+        stop.check()
+
+
+def wrap_for_training(model, cfg, device, world_size):
+    """The model as the training step calls it: with SyncBatchNorm and DDP under torchrun, compiled if asked."""
+    step_model = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":  # the spectral branch's BatchNorms see the global batch (SyncBatchNorm runs on GPUs only)
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module: same parameters
+        # With XI = 0 the SupCon projection gets no gradient; DDP must be told to expect that.
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                             find_unused_parameters=cfg.XI == 0)
+    if cfg.COMPILE:
+        step_model = torch.compile(step_model)
+    return step_model
 
 
 def training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype, cache=None, world_size=1):
@@ -2451,12 +2593,12 @@ def train(cfg):
     from tqdm import tqdm
 
     validate_config(cfg)
-    rank, world_size, device = setup_distributed(cfg)
+    rank, world_size, device, control_group = setup_distributed(cfg)
     seed_everything(cfg.SEED)
     configure_determinism(cfg.DETERMINISTIC)
     amp_dtype = resolve_amp_dtype(cfg.AMP, device)
 
-    train_items, val_items = prepare_splits(cfg)
+    train_items, val_items = on_rank_zero(lambda: prepare_splits(cfg), rank, control_group)
     if world_size > 1 and len(train_items) < cfg.BATCH_SIZE:
         raise UserError(f"{len(train_items)} training images are fewer than one batch of {cfg.BATCH_SIZE}; lower --batch-size.")
     model = build_model(cfg, device)
@@ -2479,8 +2621,11 @@ def train(cfg):
 
     train_cache = val_cache = None
     if cfg.CACHE_FEATURES:
-        train_cache = open_feature_cache("train", train_items, cfg, model.backbone, cfg.CACHE_VIEWS, rank)
-        val_cache = open_feature_cache("val", val_items, cfg, model.backbone, 1, rank)
+        train_folder, val_folder = on_rank_zero(lambda: (
+            feature_cache_folder("train", train_items, cfg, model.backbone, cfg.CACHE_VIEWS),
+            feature_cache_folder("val", val_items, cfg, model.backbone, 1)), rank, control_group)
+        train_cache = open_feature_cache("train", train_items, cfg, model.backbone, cfg.CACHE_VIEWS, rank, train_folder)
+        val_cache = open_feature_cache("val", val_items, cfg, model.backbone, 1, rank, val_folder)
         if world_size > 1:
             torch.distributed.barrier()  # rank 0 has made the files
     # A last tiny batch would give SupCon few pairs and BatchNorm noisy statistics.
@@ -2492,17 +2637,8 @@ def train(cfg):
     val_shard = val_items[rank::world_size]
     val_loader = make_loader(val_shard, cfg, train=False, device=device, cache=val_cache)
     train_bad = BadImageLog("training", train_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
-    val_bad = BadImageLog("validation", val_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
-
-    step_model = model
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # With XI = 0 the SupCon projection gets no gradient; DDP must be told to expect that.
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                             find_unused_parameters=cfg.XI == 0)
-    if cfg.COMPILE:
-        step_model = torch.compile(step_model)
+    val_bad = BadImageLog("validation", val_loader.dataset.paths, cfg.MAX_BAD_FRACTION, n_images=len(val_items))
+    step_model = wrap_for_training(model, cfg, device, world_size)
 
     epoch, step = start_epoch, start_step
     resume_at = (start_epoch, start_step)  # where a resumed run would continue; saved on an interruption
@@ -2541,7 +2677,7 @@ def train(cfg):
                         progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
                     if at_save_step and rank == 0:
                         save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
-                    stop.check()
+                    end_run_if_asked([train_bad], stop, control_group)
                 progress.close()
                 if world_size > 1:
                     torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
@@ -2554,6 +2690,7 @@ def train(cfg):
 
                 indices, labels, probs, val_bce_sum, bad = score_loader(model, val_loader, device, amp_dtype, val_cache)
                 val_bad.add(bad)
+                end_run_if_asked([val_bad], control_group=control_group)
                 indices, labels, probs, val_bce_sum = gather_scores(indices, labels, probs, val_bce_sum, world_size)
                 for cache in (train_cache, val_cache):
                     if cache is not None:
@@ -2578,12 +2715,11 @@ def train(cfg):
                 print(f"epoch {epoch}: train bce {metrics['train_bce']:.4f} supcon {metrics['train_supcon']:.4f} | "
                       f"val bce {metrics['val_bce']:.4f} acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} "
                       f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
-                stop.check()
+                end_run_if_asked([], stop, control_group)
         except KeyboardInterrupt:
             if rank == 0:
                 save_last(last_path, model, optimizer, scaler, *resume_at, history, best_metrics, sums)
-            raise UserError(f"Interrupted at epoch {resume_at[0]}, step {resume_at[1]}; saved {last_path}. "
-                            "Continue with --resume.")
+            raise stop.interruption(resume_at, last_path)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"CUDA ran out of memory at batch size {cfg.BATCH_SIZE}. Lower --batch-size (e.g. "
                             f"{max(1, cfg.BATCH_SIZE // 2)}) or --proj-dim, or use fewer --blocks; close other programs on the GPU.")
@@ -2591,6 +2727,7 @@ def train(cfg):
             for cache in (train_cache, val_cache):
                 if cache is not None:
                     cache.flush()
+            shut_down_workers(train_loader, val_loader)  # however training ends, its worker processes end with it
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if train_cache is not None and train_cache.damaged + val_cache.damaged:
@@ -3007,6 +3144,9 @@ def main(argv=None):
         validate_config(cfg)
         run_demo(cfg) if demo else train(cfg)
         return 0
+    except RunInterrupted as stopped:  # saved where to resume: a message, not an error
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
     except UserError as error:
         if debug:
             raise
