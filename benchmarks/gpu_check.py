@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,11 +49,11 @@ SCRIPT = Path(rps.__file__).resolve()
 FULL = SimpleNamespace(arch="vitl", batch_size=128, images=256, repeats=2, head={}, compile_backend="inductor",
                        memory_caps_gb=(24, 16),
                        batch_limit=4096, worker_counts=(2, 4, 8), loader_images=256, loader_batch=32, distinct_images=8,
-                       run_images=(32, 16), run_batch=8, run_timeout=420)
+                       run_images=(32, 16), run_batch=8, run_timeout=240)
 QUICK = SimpleNamespace(arch="tiny", batch_size=4, images=8, repeats=1,
                         head=dict(PROJ_DIM=32, SPEC_CHANNELS=16, FUSION_DIM=32, FUSION_HEADS=4), compile_backend="aot_eager",
                         memory_caps_gb=(24, 16), batch_limit=64, worker_counts=(2,), loader_images=16, loader_batch=8,
-                        distinct_images=2, run_images=(8, 4), run_batch=4, run_timeout=300)
+                        distinct_images=2, run_images=(8, 4), run_batch=4, run_timeout=180)
 
 
 def machine_description(device):
@@ -157,6 +158,10 @@ def training_step_peak_gb(model, cfg, device, batch_size):
         return torch.cuda.max_memory_allocated(device) / 1e9
     except torch.cuda.OutOfMemoryError:
         return None
+    except RuntimeError as error:  # cuBLAS/cuDNN report a failed workspace allocation in their own words
+        if "ALLOC_FAILED" in str(error) or "out of memory" in str(error):
+            return None
+        raise
     finally:
         del optimizer, scaler
         model.zero_grad(set_to_none=True)
@@ -249,9 +254,13 @@ def run_end_to_end(settings, device, work):
                "--num-workers", "2", "--device", str(device), *options]
     started = time.perf_counter()
     with open(work / "run_output.txt", "w") as output:
+        # Its own process group, so that a run that does not end is killed together with its data workers.
+        run = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, timeout=settings.run_timeout).returncode
+            code = run.wait(timeout=settings.run_timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
             code = None
     seconds = time.perf_counter() - started
     tail = (work / "run_output.txt").read_text(errors="replace").strip().splitlines()[-3:]

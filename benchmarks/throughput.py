@@ -59,7 +59,8 @@ def make_images(folder, n_images):
         fake = i % 2 == 1
         path = Path(folder) / ("1_fake" if fake else "0_real") / f"{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rps.make_demo_image(rng, fake, "bilinear")).save(path)
+        if not path.exists():  # benchmarks/gpu_check.py asks for the same images several times
+            Image.fromarray(rps.make_demo_image(rng, fake, "bilinear")).save(path)
         items.append((str(path), int(fake), "."))
     return items
 
