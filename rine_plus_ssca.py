@@ -1171,6 +1171,7 @@ class FeatureCache:
     def bytes_to_fill(self):
         """Disk the files still need: created sparse, they take space only as entries are written."""
         files = [os.stat(self.folder / f"{name}.bin") for name in self.shapes]
+        # st_blocks counts the 512-byte blocks on disk (Windows has none: files counted as allocated)
         return sum(max(0, f.st_size - getattr(f, "st_blocks", f.st_size // 512) * 512) for f in files)
 
     def check_free_disk(self):
