@@ -100,7 +100,7 @@ JPEG_QUALITY_MIN = 30  # JPEG quality ~ U{JPEG_QUALITY_MIN..100}
 
 # --- machine ---
 DEVICE = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
-AMP = "auto"  # mixed precision: "auto" (GPU: bf16 where native, Ampere or newer, else fp16; CPU: bf16 backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"
+AMP = "auto"  # mixed precision: "auto" (GPU: bf16 if native, Ampere+, else fp16; CPU: bf16 backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"
 NUM_WORKERS = 8  # data-loading processes (capped at the number of CPU cores)
 SEED = 0  # seeds Python, NumPy and torch (and the hold-out split)
 LOG_EVERY = 20  # steps between progress-bar loss updates (each update syncs with the GPU)

@@ -186,9 +186,9 @@ def measure_memory(settings, device, work):
                                             settings.batch_size, settings.batch_limit)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-        results[f"{cap_gb}GB"] = dict(peak_gb_at_batch=peak, largest_batch=batch, search_limit_reached=at_limit,
+        results[f"{cap_gb}GiB"] = dict(peak_gb_at_batch=peak, largest_batch=batch, search_limit_reached=at_limit,
                                       cap_gb=round(fraction * total / 2**30, 1))
-        print(f"cap {cap_gb} GB: batch {settings.batch_size} peaks at "
+        print(f"cap {cap_gb} GiB: batch {settings.batch_size} peaks at "
               f"{'OOM' if peak is None else f'{peak:.2f} GB'}; largest batch {batch}{'+' if at_limit else ''}", flush=True)
     del model
     release_memory(device)
@@ -259,9 +259,11 @@ def run_end_to_end(settings, device, work):
         try:
             code = run.wait(timeout=settings.run_timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
             code = None
+        finally:
+            if run.poll() is None:  # it did not end in time, or this check was interrupted: stop it and its workers
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
     seconds = time.perf_counter() - started
     tail = (work / "run_output.txt").read_text(errors="replace").strip().splitlines()[-3:]
     result = dict(exit_code=code, seconds=seconds, exited_by_itself=code is not None,
