@@ -48,7 +48,7 @@ SCRIPT = Path(rps.__file__).resolve()
 # --quick compiles with the aot_eager backend: the same tracing, without inductor's minutes of C++ builds on a CPU.
 FULL = SimpleNamespace(arch="vitl", batch_size=128, images=256, repeats=2, head={}, compile_backend="inductor",
                        memory_caps_gb=(24, 16),
-                       batch_limit=4096, worker_counts=(2, 4, 8), loader_images=256, loader_batch=32, distinct_images=8,
+                       batch_limit=4096, worker_counts=(2, 4, 8), loader_images=512, loader_batch=32, distinct_images=8,
                        run_images=(32, 16), run_batch=8, run_timeout=240)
 QUICK = SimpleNamespace(arch="tiny", batch_size=4, images=8, repeats=1,
                         head=dict(PROJ_DIM=32, SPEC_CHANNELS=16, FUSION_DIM=32, FUSION_HEADS=4), compile_backend="aot_eager",
