@@ -36,6 +36,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -102,7 +103,7 @@ JPEG_QUALITY_MIN = 30  # JPEG quality ~ U{JPEG_QUALITY_MIN..100}
 
 # --- machine ---
 DEVICE = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
-AMP = "auto"  # mixed precision: "auto" (GPU: bf16, or fp16 on GPUs without bf16; CPU: bf16 backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"
+AMP = "auto"  # mixed precision: "auto" (GPU: bf16 if native, Ampere+, else fp16; CPU: bf16 backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"
 NUM_WORKERS = 8  # data-loading processes (capped at the number of CPU cores)
 SEED = 0  # seeds Python, NumPy and torch (and the hold-out split)
 LOG_EVERY = 20  # steps between progress-bar loss updates (each update syncs with the GPU)
@@ -197,14 +198,17 @@ def cpu_has_fast_bf16():
 def resolve_amp_dtype(amp, device):
     """The mixed-precision dtype for this device, or None for full float32.
 
-    auto: bf16 on GPUs that have it, else fp16 (with a GradScaler); on the CPU bf16 for the
-    backbone only, where the CPU has bf16 instructions (measured: benchmarks/throughput.py).
+    auto: bf16 on GPUs that run it natively (compute capability 8.0 or newer: Ampere, Ada, Hopper...),
+    else fp16 (with a GradScaler). torch.cuda.is_bf16_supported() also says yes where bf16 is only
+    emulated (T4, RTX 20xx: capability 7.5), and slow there. On the CPU bf16 for the backbone only,
+    where the CPU has bf16 instructions (measured: benchmarks/throughput.py).
     """
     if amp == "off":
         return None
     if amp == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+            return torch.bfloat16 if native_bf16 else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
@@ -346,9 +350,11 @@ class FrozenCLIPBlocks(nn.Module):
     def _make_hook(self, index):
         def hook(module, inputs, output):
             if index in self.blocks:
-                self._caught[("cls", index)] = output[:, 0]
+                # A copy, not the view output[:, 0]: a view would keep the whole [B,257,width]
+                # output alive until the forward ends (1.6 GB at batch 128 for ViT-L/14).
+                self._caught[("cls", index)] = output[:, 0].clone()
             if index == self.patch_block:
-                self._caught[("patches", index)] = output[:, 1:]
+                self._caught[("patches", index)] = output[:, 1:].clone()
         return hook
 
     def train(self, mode=True):
@@ -452,8 +458,8 @@ class DCTConvBlock(nn.Module):
         return self.norm(self.pointwise(x).contiguous())  # back to NCHW: BatchNorm's backward is slow channels-last
 
 
-class SpectrumSpatialCollaborativeAttention(nn.Module):
-    """SSCA: a spatial gate and a frequency gate on a real map, combined with a residual.
+class SSCA(nn.Module):
+    """Spectrum-Spatial Collaborative Attention: a spatial gate and a frequency gate on a real map, with a residual.
 
     Spatial: sigmoid(conv7x7([mean_c x; max_c x])) -> [B,1,H,W] (CBAM).
     Frequency: X = rfft2(x) [B,C,H,W/2+1]; X * filter * sigmoid(conv3x3([mean_c log1p|X|; max_c log1p|X|]))
@@ -501,6 +507,9 @@ class SpectrumSpatialCollaborativeAttention(nn.Module):
         # small tensors (the [B,1,H,W] gate, the [C,H,W/2+1] filter): two passes over the map fewer.
         spatially_gated = x * (1 + self.spatial_weight * self.spatial_gate(x))
         return spatially_gated + self.frequency_path(x, self.frequency_weight).to(x.dtype)
+
+
+SpectrumSpatialCollaborativeAttention = SSCA  # its long name, also importable
 
 
 class OneQueryAttention(nn.Module):
@@ -1167,6 +1176,15 @@ class Batch:
         self.pixels, self.labels, self.indices, self.views = pixels, labels, indices, views
         self.tokens, self.cached, self.bad, self.n_damaged = tokens, cached, bad, n_damaged
 
+    def pin_memory(self):
+        """Every tensor in page-locked memory, so its copy to the GPU can overlap compute.
+        DataLoader(pin_memory=True) calls this on a custom batch type; without it nothing is pinned."""
+        for name in ("pixels", "labels", "indices", "views", "tokens", "cached"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.pin_memory())
+        return self
+
 
 def collate_skipping_bad(samples):
     """Stack the readable samples; unreadable ones go to batch.bad. batch.pixels is None when none were readable."""
@@ -1258,10 +1276,43 @@ def _worker_ignores_stop_signals(worker_id, main_process=None):
     threading.Thread(target=end_when_the_main_process_asks, daemon=True).start()
 
 
+def batch_bytes(dataset, batch_size, crop_size):
+    """Bytes of one collated batch: uint8 crops (ten per image with ten-crop), plus cached float32 tokens."""
+    crops = 10 if any(isinstance(step, StackCrops) for step in getattr(dataset.transform, "transforms", [])) else 1
+    tokens = 0 if dataset.cache is None else int(np.prod(dataset.cache.shapes["tokens"][2:])) * 4
+    return batch_size * (crops * 3 * crop_size ** 2 + tokens)
+
+
+def workers_within_shared_memory(workers, bytes_per_batch, prefetch_factor, shm="/dev/shm"):
+    """As many data workers as /dev/shm holds, with a warning when that is fewer than asked.
+
+    Workers hand their batches over in shared memory: workers x prefetch_factor batches can be
+    waiting at once (8 x 4 x 19 MB at batch 128 = 0.6 GB), and running out is a bus error.
+    Docker gives a container 64 MB by default. Fewer workers change only the speed, never the
+    result (each sample's augmentation seed comes from the sampler), so the run goes on with them.
+    """
+    try:
+        stats = os.statvfs(shm)
+    except (OSError, AttributeError):  # no /dev/shm (macOS, Windows): PyTorch uses other means there
+        return workers
+    free = stats.f_bavail * stats.f_frsize
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine share it
+    per_worker = prefetch_factor * bytes_per_batch * processes
+    if workers == 0 or workers * per_worker <= free:
+        return workers
+    fitting = int(free // per_worker)
+    print(f"warning: {workers} data workers x prefetch {prefetch_factor} x {bytes_per_batch / 1e6:.0f} MB batches"
+          f"{f' x {processes} processes' if processes > 1 else ''} need {workers * per_worker / 1e9:.2f} GB of shared "
+          f"memory, but {shm} has {free / 1e9:.2f} GB free; using {fitting} workers (slower, same results). "
+          f"Pass --num-workers {fitting} to silence this, or give it more (Docker: docker run --shm-size=4g ...).")
+    return fitting
+
+
 def make_loader(items, cfg, train, device, transform=None, sampler=None, cache=None, batch_size=None):
     """DataLoader over (path, label, group) items; test transform unless `sampler` gives training seeds."""
     dataset = ImageDataset(items, transform or build_transform(cfg, train), cache)
     workers = max(0, min(cfg.NUM_WORKERS, os.cpu_count() or 1))
+    workers = workers_within_shared_memory(workers, batch_bytes(dataset, batch_size or cfg.BATCH_SIZE, cfg.CROP_SIZE), 4)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size or cfg.BATCH_SIZE,
@@ -1360,6 +1411,10 @@ EMPTY, FILLED, UNREADABLE = 0, 1, 2
 _TOKEN_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 as raw bits
 
 
+def readable_size(n_bytes):
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
 class FeatureCache:
     """The frozen backbone's CLS tokens and the uint8 crop they came from, per (image, view), on disk.
 
@@ -1400,6 +1455,21 @@ class FeatureCache:
             np.memmap(self.folder / f"{name}.bin", dtype=self.dtypes[name], mode="w+", shape=self.shapes[name]).flush()
         meta_path.write_text(json.dumps(meta))  # written last: a folder without it is rebuilt
         return True
+
+    def bytes_to_fill(self):
+        """Disk the files still need: created sparse, they take space only as entries are written."""
+        files = [os.stat(self.folder / f"{name}.bin") for name in self.shapes]
+        # st_blocks counts the 512-byte blocks on disk (Windows has none: files counted as allocated)
+        return sum(max(0, f.st_size - getattr(f, "st_blocks", f.st_size // 512) * 512) for f in files)
+
+    def check_free_disk(self):
+        """Stop now, with what to do, rather than with SIGBUS when a memory-mapped write finds the disk full."""
+        needed, free = self.bytes_to_fill(), shutil.disk_usage(self.folder).free
+        if needed > free:
+            raise UserError(f"The feature cache needs {readable_size(needed)} more disk but {self.folder.parent} has "
+                            f"{readable_size(free)} free ({self.entry_bytes() / 1e3:.0f} kB per image and view). Set "
+                            f"--cache-dir to a disk with room, lower --cache-views (now {self.shapes['state'][1]}), "
+                            "or train without --cache-features.")
 
     def _open(self):
         if self._arrays is None or self._pid != os.getpid():  # each worker process maps the files itself
@@ -1489,11 +1559,11 @@ def open_feature_cache(split_name, items, cfg, backbone, n_views, rank=0, folder
     if rank == 0:
         total = cache.entry_bytes() * len(items) * n_views
         if cache.create_or_open():
-            size = f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
-            print(f"feature cache for {split_name}: {cache.folder}, up to {size} "
+            print(f"feature cache for {split_name}: {cache.folder}, up to {readable_size(total)} "
                   f"({len(items)} images x {n_views} view(s) x {cache.entry_bytes() / 1e3:.0f} kB)")
         else:
             print(f"feature cache for {split_name}: {cache.folder}, {cache.filled_fraction():.0%} filled")
+        cache.check_free_disk()
     return cache
 
 

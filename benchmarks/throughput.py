@@ -59,7 +59,8 @@ def make_images(folder, n_images):
         fake = i % 2 == 1
         path = Path(folder) / ("1_fake" if fake else "0_real") / f"{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rps.make_demo_image(rng, fake, "bilinear")).save(path)
+        if not path.exists():  # benchmarks/gpu_check.py asks for the same images several times
+            Image.fromarray(rps.make_demo_image(rng, fake, "bilinear")).save(path)
         items.append((str(path), int(fake), "."))
     return items
 
@@ -82,8 +83,8 @@ def timed(function, device, repeats):
     return statistics.median(times)
 
 
-def training_epoch(model, loader, sampler, cfg, device, cache=None):
-    """One epoch of training_step over the loader."""
+def training_epoch(model, loader, sampler, cfg, device, cache=None, step_model=None):
+    """One epoch of training_step over the loader (step_model: e.g. the torch.compile'd model)."""
     amp_dtype = rps.resolve_amp_dtype(cfg.AMP, device)
     optimizer = rps.make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -92,7 +93,7 @@ def training_epoch(model, loader, sampler, cfg, device, cache=None):
 
     def run():
         for batch in loader:
-            rps.training_step(model, model, batch, optimizer, scaler, cfg, device, amp_dtype, cache)
+            rps.training_step(model, model if step_model is None else step_model, batch, optimizer, scaler, cfg, device, amp_dtype, cache)
     return run
 
 
@@ -127,7 +128,9 @@ def main():
 
 
 def measure(args, cfg, overrides, work):
-    make_backbone(args.arch, work / "backbone")
+    """Print every figure; returns them as a dict (images/s, TFLOP/s, GB, kB)."""
+    if not (work / "backbone").exists():  # benchmarks/gpu_check.py measures twice with one backbone
+        make_backbone(args.arch, work / "backbone")
     items = make_images(work / "images", args.images)
     cfg.CLIP_MODEL, cfg.BATCH_SIZE, cfg.NUM_WORKERS = str(work / "backbone"), args.batch_size, args.num_workers
     cfg.CHECKPOINT_DIR, cfg.CACHE_DIR, cfg.CACHE_VIEWS = str(work / "ckpt"), str(work / "cache"), 1
@@ -205,6 +208,9 @@ def measure(args, cfg, overrides, work):
         print(f"speed-up of the configured epoch over train-slow: {train_rate / slow_rate:.2f}x")
     print(f"speed-up of a cached epoch over an uncached one:   {cached_rate / train_rate:.2f}x")
     print(f"eval {eval_rate:.1f} images/s; backbone alone {backbone_rate:.1f} images/s")
+    return dict(train=train_rate, eval=eval_rate, backbone=backbone_rate, cached=cached_rate, train_slow=slow_rate,
+                backbone_tflops=flops_per_image * backbone_rate / 1e12, gflop_per_image=flops_per_image / 1e9,
+                peak_memory_gb=train_peak, cache_entry_kb=entry_kb, precision=str(amp_dtype or "off"))
 
 
 if __name__ == "__main__":

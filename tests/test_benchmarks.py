@@ -4,11 +4,14 @@ Only the tiny architecture, one timed run: these check that the scripts work, no
 anything is (speed is never asserted in tests).
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SMALL_HEAD = ["--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32", "--fusion-heads", "4"]
@@ -49,12 +52,68 @@ def test_throughput_refuses_a_mistyped_script_option_in_one_line(tmp_path):
     assert result.stderr.strip() == "error: FUSION_HEADS=7 must divide FUSION_DIM=512."
 
 
+def memory_rows(out):
+    """rows: batch, head, backbone, total, what views would keep (GB) -> {batch: (total, views)}"""
+    return {int(m[1]): (float(m[2]), float(m[3])) for m in re.finditer(
+        r"^\s*(\d+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+\+([\d.]+)\s*$", out, re.MULTILINE)}
+
+
 def test_memory_count_grows_with_the_batch_and_cleans_up(tmp_path):
     result, scratch = run_benchmark("memory_count.py", ["--arch", "tiny", "--batch-sizes", "2,8"], tmp_path)
     assert result.returncode == 0, result.stderr
-    # rows: batch, head saved, backbone, total (GB)
-    totals = {int(m[1]): float(m[2]) for m in re.finditer(
-        r"^\s*(\d+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s*$", result.stdout, re.MULTILINE)}
-    assert set(totals) == {2, 8}, result.stdout
-    assert totals[8] > totals[2]
+    rows = memory_rows(result.stdout)
+    assert set(rows) == {2, 8}, result.stdout
+    assert rows[8][0] > rows[2][0]
+    assert list(scratch.iterdir()) == []
+
+
+def test_memory_count_of_tencrop_evaluation_counts_ten_crops_per_image(tmp_path):
+    result, scratch = run_benchmark("memory_count.py", ["--arch", "tiny", "--batch-sizes", "2,8", "--tencrop"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "eval --tencrop" in result.stdout and "gradients + Adam 0.000 GB" in result.stdout
+    rows = memory_rows(result.stdout)
+    assert set(rows) == {2, 8}, result.stdout
+    assert rows[8][0] > rows[2][0]
+    assert list(scratch.iterdir()) == []
+
+
+def test_the_largest_batch_search_doubles_then_bisects():
+    sys.path.insert(0, str(BENCHMARKS))
+    from gpu_check import largest_batch
+
+    tried = []
+
+    def fits_up_to(limit):
+        return lambda batch: tried.append(batch) or batch <= limit
+    assert largest_batch(fits_up_to(700), 128, 4096) == (640, False)  # within 1/8 of 700
+    assert tried[:4] == [128, 256, 512, 1024]
+    assert largest_batch(fits_up_to(5000), 128, 4096) == (4096, True)
+    assert largest_batch(fits_up_to(100), 128, 4096) == (96, False)  # below the start: bisected down, within 1/8
+    assert largest_batch(fits_up_to(0), 128, 4096) == (0, False)
+
+
+def test_gpu_check_quick_on_the_cpu_writes_both_reports_with_every_section(tmp_path):
+    result, scratch = run_benchmark("gpu_check.py", ["--device", "cpu", "--quick", "--out", str(tmp_path / "out")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert set(report) >= {"machine", "settings", "throughput", "memory", "data_loading", "end_to_end", "seconds"}
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["gpu"] is None
+    for precision in ("bf16", "fp16"):
+        row = report["throughput"][precision]
+        for key in ("train", "eval", "cached", "backbone", "backbone_tflops", "peak_memory_gb"):
+            assert row[key] > 0, (precision, key)
+    assert report["throughput"]["fp16"]["precision"] == "torch.float16"
+    assert report["throughput"]["compiled"]["train"] > 0
+    assert "CUDA" in report["memory"]["note"]  # the caps are skipped on the CPU
+    for images in ("png_256", "jpeg_1024"):
+        assert report["data_loading"][images]["2"]["images_per_s"] > 0
+    run = report["end_to_end"]
+    assert run["checkpoint_written"], run
+    # A run that did not exit by itself was killed at the time limit, and the report says so.
+    assert run["exit_code"] == (0 if run["exited_by_itself"] else None), run
+    markdown = (tmp_path / "out" / "gpu_check.md").read_text()
+    for heading in ("## Throughput", "## Memory of a training step", "## Data loading", "## End-to-end training run"):
+        assert heading in markdown
+    assert re.search(r"\| fp16 \+ GradScaler \| [\d.]+ \| [\d.]+ \|", markdown)
+    assert re.search(r"\| jpeg 1024 px \| [\d.]+", markdown)
     assert list(scratch.iterdir()) == []
