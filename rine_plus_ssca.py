@@ -750,7 +750,7 @@ def filter_classes(items, train_classes, folder=None):
         return items
     present = {part for item in items for part in item[2].split("/")} - {"."}
     unknown = sorted(wanted - present)
-    if folder is not None and unknown:
+    if folder is not None and unknown and items:  # no items at all is reported by the caller
         names = sorted(present)
         raise UserError(f"TRAIN_CLASSES names {', '.join(unknown)}: no such folder under {folder} (names are "
                         f"case-sensitive). Folders there: {', '.join(names[:30]) or 'none'}"
