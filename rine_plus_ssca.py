@@ -137,7 +137,7 @@ DEMO_OVERRIDES = dict(
     NUM_WORKERS=2, LOG_EVERY=5, PATCH_BLOCK=2,
 )
 
-CHECKPOINT_FORMAT = 3  # bumped when the checkpoint layout or the model's function changes (3: RINE's names and head without the spectral branch; BlockDCT on 0-255 pixels)
+CHECKPOINT_FORMAT = 3  # bumped when the checkpoint layout or the model's function changes (3: RINE's names and head without the spectral branch; BlockDCT on 0-255 pixels; backbone_folder)
 BEST_NAME = "best_rine_plus_ssca.pth"
 LAST_NAME = "last_rine_plus_ssca.pth"
 
@@ -221,15 +221,21 @@ def head_autocast(device, amp_dtype):
 
 
 def atomic_torch_save(obj, path):
-    """Write to a temporary file, fsync, then rename: a crash never leaves half a checkpoint."""
+    """torch.save, atomically (see atomic_write_bytes)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # via a buffer, so no temporary file name ends up inside the archive
+    atomic_write_bytes(buffer.getbuffer(), path)
+
+
+def atomic_write_bytes(data, path):
+    """Write to a temporary file, fsync, then rename: a crash never leaves half a file.
+    The file gets the usual permissions (0644 under the common umask 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)  # via a buffer, so no temporary file name ends up inside the archive
         with open(tmp_path, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -296,25 +302,59 @@ def bce_loss_sum(logits, labels):
 # =====================================================================================
 
 def load_clip_vision(name, dtype=None, attn_implementation="sdpa"):
-    """CLIPVisionModel from a HuggingFace id or a local folder, with a clear message when it can't be had."""
+    """CLIPVisionModel from a local folder or a HuggingFace id, with a clear message when it can't be had."""
     from transformers import CLIPVisionModel  # imported here so `import rine_plus_ssca` stays light
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough
+    options = dict(attn_implementation=attn_implementation, dtype=dtype or torch.float32)
+    fix = ("Set CLIP_MODEL / --clip-model (in Python: load_detector(..., clip_model=...)) to a folder saved with "
+           "save_pretrained, or to a HuggingFace id such as openai/clip-vit-large-patch14 (downloaded once; the "
+           "HF_ENDPOINT variable selects a mirror).")
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        try:
+            return CLIPVisionModel.from_pretrained(str(folder), **options)
+        except Exception as error:
+            raise UserError(f"The backbone folder {name} holds no loadable CLIP model ({first_line(error)}). {fix}") from error
     looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-    if looks_like_path and not Path(name).expanduser().is_dir():
-        raise UserError(f"No backbone folder {name}. Set CLIP_MODEL / --clip-model to an existing folder saved with "
-                        "save_pretrained, or to a HuggingFace id such as openai/clip-vit-large-patch14 (downloaded once; "
-                        "the HF_ENDPOINT variable selects a mirror).")
+    if looks_like_path:
+        raise UserError(f"No backbone folder {name} (looked in {Path.cwd()}). {fix}")
+    try:  # an id downloaded before loads from the local cache, without the network
+        return CLIPVisionModel.from_pretrained(name, local_files_only=True, **options)
+    except Exception:
+        pass
+    # One quick request first: huggingface_hub would otherwise retry for about half a minute without a network.
+    unreachable = hub_problem(name)
+    if unreachable:
+        raise UserError(f"No backbone folder {name} in {Path.cwd()}, and as a HuggingFace id it could not be downloaded "
+                        f"({unreachable}). {fix}")
     try:
-        return CLIPVisionModel.from_pretrained(name, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
-    except Exception as error:  # network, cache, or a folder without weights: all fixed the same ways
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"Could not load the CLIP backbone {name!r} ({first_line[:160]}). Fix: set CLIP_MODEL / --clip-model to a "
-            "local folder with the model (saved with save_pretrained or downloaded once), or point huggingface_hub "
-            "at a mirror with the HF_ENDPOINT environment variable, e.g. HF_ENDPOINT=https://hf-mirror.com."
-        ) from error
+        return CLIPVisionModel.from_pretrained(name, **options)
+    except Exception as error:  # network, cache, or a repository without weights: all fixed the same ways
+        raise UserError(f"Could not load the CLIP backbone {name!r} ({first_line(error)}). {fix}") from error
+
+
+def first_line(error):
+    """The first line of an exception's message (its type when empty), at most 160 characters."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:160]
+
+
+def hub_problem(model_id):
+    """Why the HuggingFace Hub can't serve `model_id` (one request, no retries), or None when it can."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(model_id, "config.json"), timeout=10)
+    except OfflineModeIsEnabled:
+        return "the Hub is switched off by HF_HUB_OFFLINE=1"
+    except RepositoryNotFoundError:
+        return "the Hub has no such model, or it is private or gated"
+    except Exception as error:
+        return f"{type(error).__name__}: {first_line(error)}"
+    return None
 
 
 class FrozenCLIPBlocks(nn.Module):
@@ -725,11 +765,22 @@ def generator_of(group):
     return group.split("/")[0]
 
 
-def filter_classes(items, train_classes):
-    """Keep items whose group path contains one of the comma-separated folder names."""
+def filter_classes(items, train_classes, folder=None):
+    """Keep items whose group path contains one of the comma-separated folder names.
+
+    With `folder` (the training set's), a name that matches no folder there is refused: a typo
+    would otherwise silently train on fewer classes.
+    """
     wanted = {name.strip() for name in train_classes.split(",") if name.strip()}
     if not wanted:
         return items
+    present = {part for item in items for part in item[2].split("/")} - {"."}
+    unknown = sorted(wanted - present)
+    if folder is not None and unknown and items:  # no items at all is reported by the caller
+        names = sorted(present)
+        raise UserError(f"TRAIN_CLASSES names {', '.join(unknown)}: no such folder under {folder} (names are "
+                        f"case-sensitive). Folders there: {', '.join(names[:30]) or 'none'}"
+                        + (f" and {len(names) - 30} more." if len(names) > 30 else "."))
     return [item for item in items if wanted & set(item[2].split("/"))]
 
 
@@ -1377,7 +1428,7 @@ def prepare_splits(cfg):
     train_items, unlabeled = scan_image_folder(train_dir)
     if unlabeled:
         print(f"note: {len(unlabeled)} images under {train_dir} sit in no real/fake folder and are ignored, e.g. {unlabeled[0]}")
-    train_items = filter_classes(train_items, cfg.TRAIN_CLASSES)
+    train_items = filter_classes(train_items, cfg.TRAIN_CLASSES, folder=train_dir)
     if not train_items:
         raise UserError(f"No labelled images under {train_dir}" + (f" for TRAIN_CLASSES={cfg.TRAIN_CLASSES!r}" if cfg.TRAIN_CLASSES else "")
                         + ". Labels come from folder names: 0_real/real/nature and 1_fake/fake/ai.")
@@ -2177,6 +2228,9 @@ def checkpoint_record(config, backbone_config, state, epoch, metrics, history):
         "config": plain_values(config),
         "backbone_config": plain_values(backbone_config),
         "model": state,
+        # config holds CLIP_MODEL as given (often relative to the training run's folder); this absolute path
+        # lets a notebook in any other folder find the same backbone folder.
+        "backbone_folder": backbone_folder_of(config["CLIP_MODEL"]),
         "epoch": epoch,
         "metrics": plain_values(metrics),
         "history": plain_values(history),
@@ -2184,6 +2238,12 @@ def checkpoint_record(config, backbone_config, state, epoch, metrics, history):
                                   "transformers": transformers.__version__}),
         "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
     }
+
+
+def backbone_folder_of(clip_model):
+    """The absolute path of a local backbone folder; None for a HuggingFace id."""
+    folder = Path(clip_model).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else None
 
 
 def plain_values(value):
@@ -2212,20 +2272,20 @@ _DROPPED = object()
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True (never unpickles code), with friendly errors."""
+    """A checkpoint (.pth) or an exported .safetensors file as a dict, never unpickling code; friendly errors."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.iterdir() if p.suffix in (".pth", ".safetensors"))
+        raise UserError(f"{path} is a folder; pass one checkpoint file in it to --ckpt: "
+                        + (", ".join(found) if found else "it holds no .pth or .safetensors files") + ".")
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}; train first (python rine_plus_ssca.py) or pass --ckpt with the right path.")
-    try:
-        with warnings.catch_warnings():  # a refused file is reported in one line below, not with torch's warnings
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UserError(f"Refused {path}: loading it would need pickle, which can run arbitrary code. Only checkpoints "
-                        "written by rine_plus_ssca.py (tensors and plain values) are loaded.") from error
-    except Exception as error:
-        raise UserError(f"{path} is not a checkpoint this script can load safely ({type(error).__name__}); "
-                        "only files written by rine_plus_ssca.py are accepted.") from error
+    with open(path, "rb") as f:
+        header = f.read(9)
+    if header[8:9] == b"{":  # safetensors: an 8-byte length, then a JSON header
+        checkpoint = read_exported(path)
+    else:
+        checkpoint = read_torch_checkpoint(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise UserError(f"{path} is not a rine_plus_ssca checkpoint (no 'model'/'config' entries).")
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -2322,17 +2382,64 @@ def resolve_backbone_location(clip_model, checkpoint_path):
         return clip_model
     beside = Path(checkpoint_path).parent / Path(clip_model).name
     return str(beside) if beside.exists() else clip_model
+def read_torch_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain values only."""
+    try:
+        with warnings.catch_warnings():  # a refused file is reported in one line below, not with torch's warnings
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"Refused {path}: loading it would need pickle, which can run arbitrary code. Only checkpoints "
+                        "written by rine_plus_ssca.py (tensors and plain values) are loaded.") from error
+    except Exception as error:
+        raise UserError(f"{path} is not a checkpoint this script can load safely ({type(error).__name__}); "
+                        "only files written by rine_plus_ssca.py are accepted.") from error
+
+
+def read_exported(path):
+    """A file written by the export command: tensors, with config and metrics as JSON metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return {"format": int(metadata.get("format", "0")), "config": json.loads(metadata["config"]), "model": tensors,
+                "metrics": json.loads(metadata.get("metrics", "{}")),
+                "backbone_folder": metadata.get("backbone_folder") or None}
+    except Exception as error:  # not safetensors, or safetensors without our metadata
+        raise UserError(f"{path} is not a file written by `rine_plus_ssca.py export` ({type(error).__name__}: "
+                        f"{first_line(error)}).") from error
+
+
+def resolve_backbone_location(clip_model, checkpoint_path, backbone_folder=None):
+    """Where the checkpoint's backbone folder is now: as given (relative to this folder), where training
+    found it (backbone_folder, absolute), or next to the checkpoint. A HuggingFace id is returned as it is."""
+    candidates = [Path(clip_model).expanduser()]
+    if backbone_folder:
+        candidates.append(Path(backbone_folder))
+    if checkpoint_path is not None:
+        candidates.append(Path(checkpoint_path).parent / Path(clip_model).name)
+    for folder in candidates:
+        if folder.is_dir():
+            return str(folder)
+    if backbone_folder:
+        raise UserError(f"The backbone folder {clip_model} this detector was trained with is not in {Path.cwd()}, at "
+                        f"{backbone_folder}, or next to {checkpoint_path}. Pass where it is now: --clip-model FOLDER, "
+                        "or load_detector(path, clip_model=FOLDER) in Python.")
+    return clip_model
 
 
 def load_detector(path, clip_model=None, device=None):
-    """Rebuild the model from a checkpoint; returns it in eval mode on `device` (default: GPU if any).
+    """Rebuild the model from a checkpoint (.pth) or an exported .safetensors file; returns it in eval mode
+    on `device` (default: GPU if any).
 
     clip_model overrides where the backbone is loaded from (e.g. a local copy of ViT-L/14).
     """
     checkpoint = read_checkpoint(path)
     cfg = default_config()
     cfg.__dict__.update({k: v for k, v in checkpoint["config"].items() if k in CONFIG_NAMES})
-    cfg.CLIP_MODEL = clip_model or resolve_backbone_location(cfg.CLIP_MODEL, path)
+    cfg.CLIP_MODEL = clip_model or resolve_backbone_location(cfg.CLIP_MODEL, path, checkpoint.get("backbone_folder"))
     device = resolve_device(device or "auto")
     model = build_model(cfg, device)
     check_backbone_matches(checkpoint.get("backbone_config", {}), model.backbone.backbone_config, path, cfg.CLIP_MODEL)
@@ -2463,6 +2570,9 @@ def save_last(path, model, optimizer, scaler, epoch, step, history, best_metrics
 
 def restore_last(path, cfg, model, optimizer, scaler):
     """Load a last checkpoint into model, optimizer, scaler and RNG; returns its resume state."""
+    if not Path(path).exists():
+        raise UserError(f"Nothing to resume: there is no {path}. Start without --resume, or set --checkpoint-dir to "
+                        "the folder of the run to continue.")
     checkpoint = read_checkpoint(path)
     if "resume" not in checkpoint:
         raise UserError(f"{path} holds no training state to resume from; start without --resume.")
@@ -2898,6 +3008,28 @@ def number_list(kind):
     return parse
 
 
+def check_numbers(args):
+    """Refuse impossible numbers given to a command (e.g. --batch-size 0) with a one-line UserError."""
+    at_least = {"batch_size": 1, "num_workers": 0, "max_per_class": 1, "workers": 1, "min_side": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low} (got {value}).")
+    for name in ("threshold", "target_fpr"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1 (got {value}).")
+    if any(not 1 <= q <= 100 for q in getattr(args, "jpeg_quality", [])):
+        raise UserError(f"--jpeg-quality values must be between 1 and 100 (got {args.jpeg_quality}).")
+    if any(not 0 <= s < math.inf for s in getattr(args, "blur_sigma", [])):
+        raise UserError(f"--blur-sigma values must be 0 or more (got {args.blur_sigma}).")
+
+
+def count_of(n, noun):
+    """'1 file', '3 files'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def build_eval_parser():
     """Options of the eval command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py eval", allow_abbrev=False,
@@ -2928,6 +3060,7 @@ def build_predict_parser():
 
 def run_eval(args):
     """The eval command: per-generator tables (clean, then each perturbation level), CSV/Markdown, plots."""
+    check_numbers(args)
     if any(factor <= 0 for factor in args.resize):
         raise UserError(f"--resize takes factors above 0 (0.5 halves each side), got {args.resize}.")
     items = collect_test_items(args.data, args.real_dir, args.max_per_class, args.seed, args.protocol)
@@ -3011,11 +3144,12 @@ def gather_images(inputs):
 
 def run_predict(args):
     """The predict command: one line per image, unreadable files reported and skipped."""
+    check_numbers(args)
     files, missing, others = gather_images(args.inputs)
     for entry in missing:
         print(f"not found, skipped: {entry}", file=sys.stderr)
     if others:
-        print(f"note: {others} files without an image extension in the folders were not scored", file=sys.stderr)
+        print(f"note: {count_of(others, 'file')} without an image extension in the folders were not scored", file=sys.stderr)
     if not files:
         raise UserError("No image files to score; pass image files or folders that contain some.")
     model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
@@ -3066,7 +3200,8 @@ def inspect_image(path):
 
 
 def run_check_data(args):
-    """The check-data command; exit code 1 when unreadable images were found."""
+    """The check-data command; exit code 1 when unreadable images were found or no image is labelled."""
+    check_numbers(args)
     from concurrent.futures import ProcessPoolExecutor
 
     root = Path(args.data)
@@ -3076,7 +3211,7 @@ def run_check_data(args):
     others = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
               and not p.name.startswith(".")]
     paths = [item[0] for item in items] + unlabeled
-    print(f"checking {len(paths)} image files under {root} with {args.workers} processes ...")
+    print(f"checking {count_of(len(paths), 'image file')} under {root} with {args.workers} processes ...")
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         results = list(pool.map(inspect_image, paths, chunksize=64))
     unreadable = [(path, error) for path, _, _, error, _ in results if error]
@@ -3104,13 +3239,17 @@ def run_check_data(args):
         print(f"  {path}")
     if len(others) > 20:
         print(f"  ... and {len(others) - 20} more")
-    return 1 if unreadable else 0
+    if not items:
+        print(f"error: no labelled images under {root}; put them in 0_real/real/nature and 1_fake/fake/ai folders.",
+              file=sys.stderr)
+    return 1 if unreadable or not items else 0
 
 
 def build_export_parser():
     """Options of the export command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py export", allow_abbrev=False,
-                                description="Write a checkpoint's trainable weights as safetensors (config in its metadata).")
+                                description="Write a checkpoint's trainable weights as safetensors (config in its metadata). "
+                                            "eval, predict and load_detector accept the file like a .pth checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth)")
     parser.add_argument("--out", required=True, help="output file, e.g. detector.safetensors")
     parser.add_argument("--rine-format", action="store_true",
@@ -3121,8 +3260,8 @@ def build_export_parser():
 
 
 def run_export(args):
-    """The export command: trainable weights to safetensors, config and metrics as JSON metadata."""
-    from safetensors.torch import save_file
+    """The export command: trainable weights to safetensors, config and metrics as JSON metadata (read_exported)."""
+    from safetensors.torch import save
 
     checkpoint = read_checkpoint(args.ckpt)
     if args.rine_format:
@@ -3133,9 +3272,9 @@ def run_export(args):
         return 0
     tensors = {name: tensor.contiguous() for name, tensor in checkpoint["model"].items()}
     metadata = {"format": str(CHECKPOINT_FORMAT), "config": json.dumps(checkpoint["config"]),
-                "metrics": json.dumps(checkpoint.get("metrics", {}))}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, args.out, metadata=metadata)
+                "metrics": json.dumps(checkpoint.get("metrics", {})),
+                "backbone_folder": checkpoint.get("backbone_folder") or ""}
+    atomic_write_bytes(save(tensors, metadata=metadata), args.out)
     print(f"wrote {args.out} ({len(tensors)} tensors, {Path(args.out).stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -3199,6 +3338,12 @@ def main(argv=None):
     """Command-line entry point; returns the exit code (1 for a user mistake, printed as one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        print(f"rine_plus_ssca.py: error: unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+              + f". Commands: {', '.join(COMMANDS)}; without one the script trains. Run with --help to see the options.",
+              file=sys.stderr)
+        return 2
     try:
         if argv and argv[0] in COMMANDS:
             parser_builder, runner = COMMANDS[argv[0]]

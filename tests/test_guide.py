@@ -6,6 +6,7 @@ the --help of the command they are used with, commands in the script's command t
 guides must also keep the same sections and both show the model as a Mermaid diagram.
 """
 
+import ast
 import re
 
 import pytest
@@ -189,3 +190,100 @@ def test_chinese_readme_links_to_the_chinese_guide():
     text = CHINESE_README.read_text(encoding="utf-8")
     assert "docs/GUIDE.zh-CN.md" in text
     assert "HF_ENDPOINT" in text and "--demo" in text
+
+
+# --------------------------------------------------------------------------- quoted messages
+
+MESSAGE_QUOTE = re.compile(r"^(error|warning|note): ")
+SCRIPT_PATH = REPO / SCRIPT
+
+
+def quoted_messages(text):
+    """Lines in code that quote the script's output: they start with error:, warning: or note:."""
+    lines = [line.strip() for chunk in code_lines(text) for line in chunk.splitlines()]  # indented fences come as one span
+    return [line for line in lines if MESSAGE_QUOTE.match(line)]
+
+
+def _string_assignments(function):
+    """{name: expression} for names a function assigns once (message parts such as `fix`, `kept`)."""
+    assigned = {}
+    for node in _own_nodes(function):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            assigned[name] = None if name in assigned else node.value
+    return {name: value for name, value in assigned.items() if value is not None}
+
+
+def _own_nodes(function):
+    """The nodes of a function's body, without those of functions defined inside it."""
+    pending = list(function.body)
+    while pending:
+        node = pending.pop()
+        yield node
+        pending += [child for child in ast.iter_child_nodes(node) if not isinstance(child, ast.FunctionDef)]
+
+
+def _pattern(node, names, seen=()):
+    """(regex, number of literal characters) for a string expression; anything computed is a wildcard."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return re.escape(node.value), len(node.value)
+    if isinstance(node, ast.JoinedStr):
+        parts = [_pattern(value, names, seen) for value in node.values]
+        return "".join(p for p, _ in parts), sum(n for _, n in parts)
+    if isinstance(node, ast.FormattedValue):
+        if isinstance(node.value, ast.Name) and node.value.id in names and node.value.id not in seen:
+            return _pattern(node.value, names, seen)
+        return ".*", 0
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        (left, n_left), (right, n_right) = _pattern(node.left, names, seen), _pattern(node.right, names, seen)
+        return left + right, n_left + n_right
+    if isinstance(node, ast.IfExp):  # either branch may be printed
+        (body, n_body), (orelse, n_orelse) = _pattern(node.body, names, seen), _pattern(node.orelse, names, seen)
+        return f"(?:{body}|{orelse})", min(n_body, n_orelse)
+    if isinstance(node, ast.Name) and node.id in names and node.id not in seen:
+        return _pattern(names[node.id], names, seen + (node.id,))
+    return ".*", 0
+
+
+def script_message_patterns():
+    """A regex per message the script can print: the first argument of every call that builds a string
+    (print, UserError, ...). A UserError is printed as 'error: <message>'."""
+    tree = ast.parse(SCRIPT_PATH.read_text(encoding="utf-8"))
+    patterns = []
+    for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        names = _string_assignments(function)
+        for call in _own_nodes(function):
+            if not isinstance(call, ast.Call) or not call.args:
+                continue
+            regex, literal = _pattern(call.args[0], names)
+            if literal >= 20:  # a bare f"error: {error}" would match anything
+                is_error = isinstance(call.func, ast.Name) and call.func.id == "UserError"
+                patterns.append(re.compile(("error: " if is_error else "") + regex, re.S))
+    return patterns
+
+
+@pytest.fixture(scope="module")
+def message_patterns():
+    return script_message_patterns()
+
+
+def printed_by_the_script(quote, patterns):
+    return any(pattern.fullmatch(quote) for pattern in patterns)
+
+
+@pytest.mark.parametrize("path", DOCUMENTS + [REPO / "README.md"], ids=lambda path: path.name)
+def test_every_quoted_message_is_one_the_script_prints(path, message_patterns):
+    stale = [quote for quote in quoted_messages(path.read_text(encoding="utf-8"))
+             if not printed_by_the_script(quote, message_patterns)]
+    assert not stale, f"{path.name} quotes messages that rine_plus_ssca.py does not print (run it, copy the output): {stale}"
+
+
+def test_the_quote_check_tells_current_from_stale_messages(message_patterns):
+    quotes = quoted_messages(GUIDES[0].read_text(encoding="utf-8"))
+    assert len(quotes) >= 5 and any("non-finite" in quote for quote in quotes)
+    current = ("error: The loss became non-finite (NaN/inf) at epoch 1, step 2. Lower LR (now 1000000.0) or try "
+               "--amp off; no checkpoint was written yet.")
+    assert printed_by_the_script(current, message_patterns)
+    for stale in (current.replace("try --amp off", "try --no-amp"), current.replace("yet.", "yet, sorry."),
+                  "error: The loss became NaN at step 2.", "warning: nothing to see here, this text is made up"):
+        assert not printed_by_the_script(stale, message_patterns), stale

@@ -68,6 +68,7 @@ def test_notebook_runs_without_errors(executed):
     assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
     stderr = "".join(o.get("text", "") for o in outputs(executed["notebook"]) if o.get("name") == "stderr")
     assert "Traceback" not in stderr, stderr
+    assert "IProgress not found" not in stderr, stderr  # tqdm's warning when ipywidgets is missing: noise for a beginner
 
 
 def test_notebook_shows_the_image_grid_and_the_tie_plot(executed):
