@@ -1450,6 +1450,12 @@ def prepare_splits(cfg):
             raise UserError(f"The {name} set has no {missing} images; a detector needs both classes. "
                             f"Add a folder of {missing.split(' ')[0]} images next to the other one.")
     print_shortcut_warnings(train_items, cfg.CROP_SIZE, cfg.SEED)
+    if cfg.BATCH_SIZE == 1 and cfg.XI > 0:
+        print("warning: BATCH_SIZE=1: SupCon needs two images of a class in a batch, so its term is always 0. "
+              "Use --batch-size 2 or more (RINE: 128), or --xi 0 to train without it.")
+    if cfg.BATCH_SIZE > len(train_items):
+        print(f"warning: BATCH_SIZE={cfg.BATCH_SIZE} is larger than the {len(train_items)} training images: each epoch is "
+              "one step on all of them. Lower --batch-size, or add images.")
     return train_items, val_items
 
 
@@ -2376,12 +2382,8 @@ def rine_weights(checkpoint, path):
     return state
 
 
-def resolve_backbone_location(clip_model, checkpoint_path):
-    """A relative backbone folder is looked for as given, then next to the checkpoint."""
-    if Path(clip_model).exists() or checkpoint_path is None:
-        return clip_model
-    beside = Path(checkpoint_path).parent / Path(clip_model).name
-    return str(beside) if beside.exists() else clip_model
+
+
 def read_torch_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain values only."""
     try:
