@@ -3065,8 +3065,8 @@ def run_eval(args):
     check_numbers(args)
     if any(factor <= 0 for factor in args.resize):
         raise UserError(f"--resize takes factors above 0 (0.5 halves each side), got {args.resize}.")
-    items = collect_test_items(args.data, args.real_dir, args.max_per_class, args.seed, args.protocol)
     model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
+    items = collect_test_items(args.data, args.real_dir, args.max_per_class, args.seed, args.protocol)
     threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold
     out_dir = Path(args.out) if args.out else Path(args.ckpt).parent
     out_dir.mkdir(parents=True, exist_ok=True)
