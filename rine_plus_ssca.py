@@ -490,12 +490,8 @@ class DCTConvBlock(nn.Module):
         self.norm = nn.BatchNorm2d(out_channels)
 
     def forward(self, x):
-        if x.device.type == "cpu":  # measured: oneDNN's depthwise-conv backward is ~4x faster channels-last
-            if x.requires_grad:  # but the BatchNorm before this block is 2.5x slower on a channels-last gradient
-                x.register_hook(lambda grad: grad.contiguous())
-            x = x.contiguous(memory_format=torch.channels_last)
         x = x + self.depthwise3(F.gelu(self.depthwise7(x)))  # residual keeps the raw spectrum reachable
-        return self.norm(self.pointwise(x).contiguous())  # back to NCHW: BatchNorm's backward is slow channels-last
+        return self.norm(self.pointwise(x))
 
 
 class SSCA(nn.Module):
@@ -2496,8 +2492,35 @@ def predict(model, images, batch_size=32, tencrop=False):
 # =====================================================================================
 
 def build_model(cfg, device, **backbone_options):
-    """The detector on `device`, its frozen backbone cast once to the mixed-precision dtype."""
-    return RINEPlusSSCA(cfg, resolve_amp_dtype(cfg.AMP, device), **backbone_options).to(device)
+    """The detector on `device`, its frozen backbone cast once to the mixed-precision dtype, with speed_settings."""
+    return speed_settings(RINEPlusSSCA(cfg, resolve_amp_dtype(cfg.AMP, device), **backbone_options).to(device))
+
+
+def speed_settings(model):
+    """The device-specific speed choices, kept apart from the modules' definitions; returns the model.
+
+    On the CPU each DCTConvBlock runs channels-last (measured: oneDNN's depthwise-convolution backward
+    is about 4x faster so) and hands NCHW tensors back to the BatchNorms around it, whose backward is
+    about 2.5x slower on channels-last ones. Results are the same; on GPUs nothing changes.
+    """
+    for module in model.modules():
+        if isinstance(module, DCTConvBlock):
+            module.register_forward_pre_hook(_channels_last_on_cpu)
+            module.pointwise.register_forward_hook(_back_to_nchw)
+    return model
+
+
+def _channels_last_on_cpu(block, inputs):
+    (x,) = inputs
+    if x.device.type != "cpu":
+        return None
+    if x.requires_grad:  # the gradient flowing back to the BatchNorm before the block: NCHW again
+        x.register_hook(lambda grad: grad.contiguous())
+    return (x.contiguous(memory_format=torch.channels_last),)
+
+
+def _back_to_nchw(pointwise, inputs, output):
+    return output.contiguous()  # for the block's own BatchNorm (a no-op on NCHW tensors)
 
 
 def make_optimizer(model, cfg):
@@ -2770,159 +2793,244 @@ def training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_
     return bce.detach(), supcon.detach(), loss.detach()
 
 
-def train(cfg):
-    """Train with the configuration; returns the path of the best checkpoint."""
+class TrainingRun:
+    """One training run, set up: what its epochs use and the progress an interruption saves.
+
+    Set up once: the processes (rank, world_size, device, control_group), the model (and step_model,
+    the model as stepped: under DDP or torch.compile), optimizer, scaler, the feature caches, the
+    loaders with their logs of unreadable images, and where training starts (start_epoch, start_step).
+    Progress: history and best_metrics (per validated epoch), sums (the epoch's summed BCE, SupCon
+    and image count) and resume_at, the (epoch, step) a resumed run would continue from.
+    """
+
+    def __init__(self, cfg):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.rank, self.world_size, self.device, self.control_group = setup_distributed(cfg)
+        seed_everything(cfg.SEED)
+        configure_determinism(cfg.DETERMINISTIC)
+        self.amp_dtype = resolve_amp_dtype(cfg.AMP, self.device)
+
+        train_items, val_items = on_rank_zero(lambda: prepare_splits(cfg), self.rank, self.control_group)
+        if self.world_size > 1 and len(train_items) < cfg.BATCH_SIZE:
+            raise UserError(f"{len(train_items)} training images are fewer than one batch of {cfg.BATCH_SIZE}; lower --batch-size.")
+        self.model = build_model(cfg, self.device)
+        self.print_set_up()
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
+        self.last_path, self.best_path = self.checkpoint_dir / LAST_NAME, self.checkpoint_dir / BEST_NAME
+        self.resume_if_asked()
+        self.train_cache, self.val_cache = self.open_caches(train_items, val_items)
+        self.open_loaders(train_items, val_items)
+        self.step_model = wrap_for_training(self.model, cfg, self.device, self.world_size)
+        self.resume_at = (self.start_epoch, self.start_step)
+        self.sums = self.resumed_sums if self.resumed_sums is not None else torch.zeros(3, device=self.device)
+
+    def print_set_up(self):
+        counts = trainable_parameter_counts(self.model)
+        print(f"\nmodel: {sum(counts.values()):,} trainable parameters ("
+              + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + "); backbone frozen")
+        processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
+        print(f"device: {self.device}{processes}, mixed precision: {self.amp_dtype or 'off'}, "
+              f"batch size {self.cfg.BATCH_SIZE}, {self.cfg.EPOCHS} epoch(s)\n")
+
+    def resume_if_asked(self):
+        """Start at epoch 1, step 0, or (--resume) where the last checkpoint says, with its state."""
+        self.start_epoch, self.start_step, self.history, self.best_metrics, self.resumed_sums = 1, 0, [], None, None
+        if self.cfg.RESUME:
+            state = restore_last(self.last_path, self.cfg, self.model, self.optimizer, self.scaler)
+            self.start_epoch, self.start_step, self.history = state["epoch"], state["step"], state["history"]
+            self.best_metrics, self.resumed_sums = state["best_metrics"], state["epoch_sums"].to(self.device)
+            print(f"resuming from {self.last_path}: epoch {self.start_epoch}, after step {self.start_step}\n")
+
+    def open_caches(self, train_items, val_items):
+        """(train cache, validation cache) with --cache-features, else (None, None). Process 0 makes the files."""
+        cfg, backbone = self.cfg, self.model.backbone
+        if not cfg.CACHE_FEATURES:
+            return None, None
+        train_folder, val_folder = on_rank_zero(lambda: (
+            feature_cache_folder("train", train_items, cfg, backbone, cfg.CACHE_VIEWS),
+            feature_cache_folder("val", val_items, cfg, backbone, 1)), self.rank, self.control_group)
+        train_cache = open_feature_cache("train", train_items, cfg, backbone, cfg.CACHE_VIEWS, self.rank, train_folder)
+        val_cache = open_feature_cache("val", val_items, cfg, backbone, 1, self.rank, val_folder)
+        if self.world_size > 1:
+            torch.distributed.barrier()  # rank 0 has made the files
+        return train_cache, val_cache
+
+    def open_loaders(self, train_items, val_items):
+        """The epoch sampler, this process's training and validation loaders, and their unreadable-image logs."""
+        cfg, rank, world_size = self.cfg, self.rank, self.world_size
+        # A last tiny batch would give SupCon few pairs and BatchNorm noisy statistics.
+        self.sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE, drop_last=len(train_items) > cfg.BATCH_SIZE,
+                                          n_views=cfg.CACHE_VIEWS if cfg.CACHE_FEATURES else None, rank=rank,
+                                          world_size=world_size)
+        self.train_loader = make_loader(train_items, cfg, train=True, device=self.device, sampler=self.sampler,
+                                        cache=self.train_cache, batch_size=cfg.BATCH_SIZE // world_size)
+        self.val_loader = make_loader(val_items[rank::world_size], cfg, train=False, device=self.device, cache=self.val_cache)
+        self.train_bad = BadImageLog("training", self.train_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
+        self.val_bad = BadImageLog("validation", self.val_loader.dataset.paths, cfg.MAX_BAD_FRACTION,
+                                   n_images=len(val_items))
+
+    def save_last(self, epoch, step):
+        """The last checkpoint, to resume after `step` of `epoch` (process 0 saves; others do nothing)."""
+        if self.rank == 0:
+            save_last(self.last_path, self.model, self.optimizer, self.scaler, epoch, step, self.history,
+                      self.best_metrics, self.sums)
+
+    def flush_caches(self):
+        for cache in (self.train_cache, self.val_cache):
+            if cache is not None:
+                cache.flush()
+
+    def close(self):
+        """However training ends: the caches written out, the loaders' worker processes ended."""
+        self.flush_caches()
+        shut_down_workers(self.train_loader, self.val_loader)
+
+
+def raise_if_nonfinite(run, epoch, first_nonfinite_step):
+    """Stop with a UserError naming the step when a loss was NaN/inf (first_nonfinite_step >= 0)."""
+    if first_nonfinite_step.item() >= 0:
+        raise nonfinite_error(epoch, int(first_nonfinite_step.item()), run.cfg, run.last_path)
+
+
+def run_epoch(run, epoch, stop):
+    """The training steps of `epoch` (from run.start_step when resuming inside it); run.sums holds its losses."""
     from tqdm import tqdm
 
-    validate_config(cfg)
-    rank, world_size, device, control_group = setup_distributed(cfg)
-    seed_everything(cfg.SEED)
-    configure_determinism(cfg.DETERMINISTIC)
-    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
+    cfg, device = run.cfg, run.device
+    step = run.start_step if epoch == run.start_epoch else 0
+    if epoch != run.start_epoch or run.resumed_sums is None:
+        run.sums = torch.zeros(3, device=device)  # bce, supcon, images: summed on the device, read at log steps
+    run.sampler.set_epoch(epoch, start_batch=step)
+    run.model.train()
+    first_nonfinite_step = torch.full((), -1, device=device)
+    progress = tqdm(run.train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step,
+                    total=run.sampler.batches_per_epoch(), leave=False, dynamic_ncols=True, disable=run.rank != 0)
+    for batch in progress:
+        run.train_bad.add(batch.bad, write=progress.write)
+        if batch.pixels is not None:
+            bce, supcon, loss = training_step(run.model, run.step_model, batch, run.optimizer, run.scaler, cfg, device,
+                                              run.amp_dtype, run.train_cache, run.world_size)
+            # Remember the first bad step without a GPU sync; it is read at log steps.
+            is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
+            first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
+            n_images = torch.full((), float(len(batch.labels)), device=device)  # a fill, not a host-to-device copy
+            run.sums += torch.stack([bce, supcon * n_images, n_images])
+        step += 1
+        run.resume_at = (epoch, step)
+        at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
+        if step % cfg.LOG_EVERY == 0 or at_save_step:
+            if run.world_size > 1:
+                torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
+            raise_if_nonfinite(run, epoch, first_nonfinite_step)
+            bce_avg, supcon_avg = (run.sums[:2] / run.sums[2].clamp(min=1)).tolist()
+            progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
+        if at_save_step:
+            run.save_last(epoch, step)
+        end_run_if_asked([run.train_bad], stop, run.control_group)
+    progress.close()
+    if run.world_size > 1:
+        torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(run.sums)  # losses of the whole global batch
+        for buffer in run.model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
+            torch.distributed.broadcast(buffer, 0)
+    raise_if_nonfinite(run, epoch, first_nonfinite_step)
 
-    train_items, val_items = on_rank_zero(lambda: prepare_splits(cfg), rank, control_group)
-    if world_size > 1 and len(train_items) < cfg.BATCH_SIZE:
-        raise UserError(f"{len(train_items)} training images are fewer than one batch of {cfg.BATCH_SIZE}; lower --batch-size.")
-    model = build_model(cfg, device)
-    counts = trainable_parameter_counts(model)
-    print(f"\nmodel: {sum(counts.values()):,} trainable parameters ("
-          + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + "); backbone frozen")
-    print(f"device: {device}{f' x {world_size} processes' if world_size > 1 else ''}, mixed precision: "
-          f"{amp_dtype or 'off'}, batch size {cfg.BATCH_SIZE}, {cfg.EPOCHS} epoch(s)\n")
 
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
-    last_path, best_path = checkpoint_dir / LAST_NAME, checkpoint_dir / BEST_NAME
-    start_epoch, start_step, history, best_metrics, resumed_sums = 1, 0, [], None, None
-    if cfg.RESUME:
-        state = restore_last(last_path, cfg, model, optimizer, scaler)
-        start_epoch, start_step, history = state["epoch"], state["step"], state["history"]
-        best_metrics, resumed_sums = state["best_metrics"], state["epoch_sums"].to(device)
-        print(f"resuming from {last_path}: epoch {start_epoch}, after step {start_step}\n")
+def validate(run, epoch):
+    """Score the validation split (every process's share, gathered) after `epoch`; returns the epoch's metrics."""
+    n_seen = max(run.sums[2].item(), 1.0)
+    indices, labels, probs, val_bce_sum, bad = score_loader(run.model, run.val_loader, run.device, run.amp_dtype,
+                                                            run.val_cache)
+    run.val_bad.add(bad)
+    end_run_if_asked([run.val_bad], control_group=run.control_group)
+    indices, labels, probs, val_bce_sum = gather_scores(indices, labels, probs, val_bce_sum, run.world_size)
+    run.flush_caches()
+    metrics = binary_metrics(labels, probs, run.cfg.THRESHOLD)
+    metrics.update(epoch=epoch, train_bce=run.sums[0].item() / n_seen, train_supcon=run.sums[1].item() / n_seen,
+                   val_bce=val_bce_sum / max(len(labels), 1),
+                   skipped_train=len(run.train_bad.bad), skipped_val=len(run.val_bad.bad))
+    if run.train_bad.bad or run.val_bad.bad:
+        print(f"epoch {epoch}: {len(run.train_bad.bad)} unreadable training and {len(run.val_bad.bad)} validation images skipped")
+    return metrics
 
-    train_cache = val_cache = None
-    if cfg.CACHE_FEATURES:
-        train_folder, val_folder = on_rank_zero(lambda: (
-            feature_cache_folder("train", train_items, cfg, model.backbone, cfg.CACHE_VIEWS),
-            feature_cache_folder("val", val_items, cfg, model.backbone, 1)), rank, control_group)
-        train_cache = open_feature_cache("train", train_items, cfg, model.backbone, cfg.CACHE_VIEWS, rank, train_folder)
-        val_cache = open_feature_cache("val", val_items, cfg, model.backbone, 1, rank, val_folder)
-        if world_size > 1:
-            torch.distributed.barrier()  # rank 0 has made the files
-    # A last tiny batch would give SupCon few pairs and BatchNorm noisy statistics.
-    sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE, drop_last=len(train_items) > cfg.BATCH_SIZE,
-                                 n_views=cfg.CACHE_VIEWS if cfg.CACHE_FEATURES else None, rank=rank, world_size=world_size)
-    local_batch = cfg.BATCH_SIZE // world_size
-    train_loader = make_loader(train_items, cfg, train=True, device=device, sampler=sampler, cache=train_cache,
-                               batch_size=local_batch)
-    val_shard = val_items[rank::world_size]
-    val_loader = make_loader(val_shard, cfg, train=False, device=device, cache=val_cache)
-    train_bad = BadImageLog("training", train_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
-    val_bad = BadImageLog("validation", val_loader.dataset.paths, cfg.MAX_BAD_FRACTION, n_images=len(val_items))
-    step_model = wrap_for_training(model, cfg, device, world_size)
 
-    epoch, step = start_epoch, start_step
-    resume_at = (start_epoch, start_step)  # where a resumed run would continue; saved on an interruption
-    sums = resumed_sums if resumed_sums is not None else torch.zeros(3, device=device)
+def select_and_save(run, epoch, metrics):
+    """Save the epoch as the best checkpoint when SELECT_METRIC says it is, then the last checkpoint to
+    resume at the next epoch. Returns the note for the epoch's line ("" when not the best)."""
+    marker = ""
+    better = is_better(run.cfg.SELECT_METRIC, metrics, run.best_metrics)
+    if better and run.rank == 0:
+        atomic_torch_save(make_checkpoint(run.model, epoch, metrics, run.history + [metrics]), run.best_path)
+        marker = f"  <- best {run.cfg.SELECT_METRIC}, saved {run.best_path}"
+    # The epoch counts as done only from here: an interruption before this line resumes
+    # at its validation, one after it at the next epoch.
+    run.history, run.best_metrics = run.history + [metrics], (metrics if better else run.best_metrics)
+    run.sums, run.resume_at = torch.zeros(3, device=run.device), (epoch + 1, 0)
+    run.save_last(epoch + 1, 0)
+    return marker
+
+
+def print_epoch(metrics, started, marker):
+    print(f"epoch {metrics['epoch']}: train bce {metrics['train_bce']:.4f} supcon {metrics['train_supcon']:.4f} | "
+          f"val bce {metrics['val_bce']:.4f} acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} "
+          f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
+
+
+def report_interruption(run, stop):
+    """After Ctrl-C or SIGTERM: save the position reached, and the RunInterrupted that says how to continue."""
+    run.save_last(*run.resume_at)
+    return stop.interruption(run.resume_at, run.last_path)
+
+
+def out_of_memory_error(cfg):
+    return UserError(f"CUDA ran out of memory at batch size {cfg.BATCH_SIZE}. Lower --batch-size (e.g. "
+                     f"{max(1, cfg.BATCH_SIZE // 2)}) or --proj-dim, or use fewer --blocks; close other programs on the GPU.")
+
+
+def report_training(run):
+    """After the last epoch: the block importances, the pictures and the table of every epoch's validation."""
+    if run.world_size > 1:
+        torch.distributed.destroy_process_group()
+    if run.train_cache is not None and run.train_cache.damaged + run.val_cache.damaged:
+        print(f"feature cache: {run.train_cache.damaged + run.val_cache.damaged} damaged entries were recomputed")
+    print()
+    print_block_importance(run.model)
+    checkpoint_dir = run.checkpoint_dir
+    if run.rank == 0:
+        plot_training_curves(run.history, checkpoint_dir / "training_curves.png")
+        plot_block_importance(run.model, checkpoint_dir / "tie_block_importance.png")
+    print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}")
+    print(f"\nvalidation, every epoch (train losses per image; best by {run.cfg.SELECT_METRIC} saved to {run.best_path}):")
+    print(format_table(HISTORY_COLUMNS, [history_row(m) for m in run.history]))
+
+
+def train(cfg):
+    """Train with the configuration; returns the path of the best checkpoint.
+
+    Each epoch: the training steps, validation, the best checkpoint by SELECT_METRIC and the last one
+    to resume from. Ctrl-C or SIGTERM stops between steps and saves where to continue (--resume).
+    """
+    run = TrainingRun(cfg)  # processes, data, model, optimizer, a resumed state, caches and loaders
     with GracefulStop() as stop:
         try:
-            for epoch in range(start_epoch, cfg.EPOCHS + 1):
+            for epoch in range(run.start_epoch, cfg.EPOCHS + 1):
                 started = time.time()
-                step = start_step if epoch == start_epoch else 0
-                if epoch != start_epoch or resumed_sums is None:
-                    sums = torch.zeros(3, device=device)  # bce, supcon, images: summed on the device, read at log steps
-                sampler.set_epoch(epoch, start_batch=step)
-                model.train()
-                first_nonfinite_step = torch.full((), -1, device=device)
-                progress = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step, total=sampler.batches_per_epoch(),
-                                leave=False, dynamic_ncols=True, disable=rank != 0)
-                for batch in progress:
-                    train_bad.add(batch.bad, write=progress.write)
-                    if batch.pixels is not None:
-                        bce, supcon, loss = training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype,
-                                                          train_cache, world_size)
-                        # Remember the first bad step without a GPU sync; it is read at log steps.
-                        is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
-                        first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
-                        n_images = torch.full((), float(len(batch.labels)), device=device)  # a fill, not a host-to-device copy
-                        sums += torch.stack([bce, supcon * n_images, n_images])
-                    step += 1
-                    resume_at = (epoch, step)
-                    at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
-                    if step % cfg.LOG_EVERY == 0 or at_save_step:
-                        if world_size > 1:
-                            torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
-                        if first_nonfinite_step.item() >= 0:
-                            raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
-                        bce_avg, supcon_avg = (sums[:2] / sums[2].clamp(min=1)).tolist()
-                        progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
-                    if at_save_step and rank == 0:
-                        save_last(last_path, model, optimizer, scaler, epoch, step, history, best_metrics, sums)
-                    end_run_if_asked([train_bad], stop, control_group)
-                progress.close()
-                if world_size > 1:
-                    torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
-                    torch.distributed.all_reduce(sums)  # losses of the whole global batch
-                    for buffer in model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
-                        torch.distributed.broadcast(buffer, 0)
-                if first_nonfinite_step.item() >= 0:
-                    raise nonfinite_error(epoch, int(first_nonfinite_step.item()), cfg, last_path)
-                n_seen = max(sums[2].item(), 1.0)
-
-                indices, labels, probs, val_bce_sum, bad = score_loader(model, val_loader, device, amp_dtype, val_cache)
-                val_bad.add(bad)
-                end_run_if_asked([val_bad], control_group=control_group)
-                indices, labels, probs, val_bce_sum = gather_scores(indices, labels, probs, val_bce_sum, world_size)
-                for cache in (train_cache, val_cache):
-                    if cache is not None:
-                        cache.flush()
-                metrics = binary_metrics(labels, probs, cfg.THRESHOLD)
-                metrics.update(epoch=epoch, train_bce=sums[0].item() / n_seen, train_supcon=sums[1].item() / n_seen,
-                               val_bce=val_bce_sum / max(len(labels), 1),
-                               skipped_train=len(train_bad.bad), skipped_val=len(val_bad.bad))
-                if train_bad.bad or val_bad.bad:
-                    print(f"epoch {epoch}: {len(train_bad.bad)} unreadable training and {len(val_bad.bad)} validation images skipped")
-                marker = ""
-                better = is_better(cfg.SELECT_METRIC, metrics, best_metrics)
-                if better and rank == 0:
-                    atomic_torch_save(make_checkpoint(model, epoch, metrics, history + [metrics]), best_path)
-                    marker = f"  <- best {cfg.SELECT_METRIC}, saved {best_path}"
-                # The epoch counts as done only from here: an interruption before this line resumes
-                # at its validation, one after it at the next epoch.
-                history, best_metrics = history + [metrics], (metrics if better else best_metrics)
-                step, sums, resume_at = 0, torch.zeros(3, device=device), (epoch + 1, 0)
-                if rank == 0:
-                    save_last(last_path, model, optimizer, scaler, epoch + 1, 0, history, best_metrics, sums)
-                print(f"epoch {epoch}: train bce {metrics['train_bce']:.4f} supcon {metrics['train_supcon']:.4f} | "
-                      f"val bce {metrics['val_bce']:.4f} acc {metrics['acc']:.4f} ap {metrics['ap']:.4f} "
-                      f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
-                end_run_if_asked([], stop, control_group)
+                run_epoch(run, epoch, stop)
+                metrics = validate(run, epoch)
+                marker = select_and_save(run, epoch, metrics)
+                print_epoch(metrics, started, marker)
+                end_run_if_asked([], stop, run.control_group)
         except KeyboardInterrupt:
-            if rank == 0:
-                save_last(last_path, model, optimizer, scaler, *resume_at, history, best_metrics, sums)
-            raise stop.interruption(resume_at, last_path)
+            raise report_interruption(run, stop)
         except torch.cuda.OutOfMemoryError:
-            raise UserError(f"CUDA ran out of memory at batch size {cfg.BATCH_SIZE}. Lower --batch-size (e.g. "
-                            f"{max(1, cfg.BATCH_SIZE // 2)}) or --proj-dim, or use fewer --blocks; close other programs on the GPU.")
+            raise out_of_memory_error(cfg)
         finally:
-            for cache in (train_cache, val_cache):
-                if cache is not None:
-                    cache.flush()
-            shut_down_workers(train_loader, val_loader)  # however training ends, its worker processes end with it
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    if train_cache is not None and train_cache.damaged + val_cache.damaged:
-        print(f"feature cache: {train_cache.damaged + val_cache.damaged} damaged entries were recomputed")
-    print()
-    print_block_importance(model)
-    if rank == 0:
-        plot_training_curves(history, checkpoint_dir / "training_curves.png")
-        plot_block_importance(model, checkpoint_dir / "tie_block_importance.png")
-    print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}")
-    print(f"\nvalidation, every epoch (train losses per image; best by {cfg.SELECT_METRIC} saved to {best_path}):")
-    print(format_table(HISTORY_COLUMNS, [history_row(m) for m in history]))
-    return best_path
+            run.close()
+    report_training(run)
+    return run.best_path
 
 
 HISTORY_COLUMNS = ["epoch", "train_bce", "train_supcon", "val_bce", "acc", "ap", "auc", "real_acc", "fake_acc"]

@@ -1,5 +1,6 @@
 """Each module on its own: shapes, gradients, and the properties DESIGN.md asks for."""
 
+import copy
 import math
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_block_dct_stays_float32_under_bf16_autocast():
 
 @pytest.mark.parametrize("height,width", [(28, 28), (13, 17)])
 def test_dct_conv_block_keeps_spatial_size(height, width):
-    block = rps.DCTConvBlock(192, 16)
+    block = rps.speed_settings(rps.DCTConvBlock(192, 16))
     x = torch.randn(2, 192, height, width)
     out = block(x)
     assert out.shape == (2, 16, height, width)
@@ -90,20 +91,33 @@ def test_dct_conv_block_keeps_spatial_size(height, width):
 
 
 def test_dct_conv_block_hands_an_nchw_gradient_back_to_the_batchnorm_before_it():
-    # The block runs channels-last on the CPU; the stem's BatchNorm must still get an NCHW
-    # gradient (its backward is much slower on a channels-last one), and the same values.
+    # speed_settings (applied by build_model) runs the block channels-last on the CPU; the stem's
+    # BatchNorm must still get an NCHW gradient (its backward is much slower on a channels-last
+    # one), the block's own BatchNorm an NCHW input, and the values must be the plain block's.
     torch.manual_seed(0)
-    block, stem = rps.DCTConvBlock(192, 16), torch.nn.BatchNorm2d(192)
+    plain, stem = rps.DCTConvBlock(192, 16), torch.nn.BatchNorm2d(192)
+    block = rps.speed_settings(copy.deepcopy(plain))
+    formats = []
+    block.depthwise7.register_forward_pre_hook(lambda module, inputs: formats.append(inputs[0].is_contiguous()))
+    block.norm.register_forward_pre_hook(lambda module, inputs: formats.append(inputs[0].is_contiguous()))
     stem_out = stem(torch.randn(2, 192, 28, 28))
     seen = []
     out = block(stem_out)
+    assert formats == [False, True]  # channels-last inside, NCHW for the block's BatchNorm
     stem_out.register_hook(seen.append)  # runs after the block's own hook
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     assert seen[0].is_contiguous()
     reference_input = stem_out.detach().requires_grad_()
-    block(reference_input).backward(grad_out)
+    reference_out = plain(reference_input)
+    reference_out.backward(grad_out)
+    torch.testing.assert_close(out, reference_out)
     torch.testing.assert_close(seen[0], reference_input.grad)
+
+
+def test_build_model_applies_the_speed_settings(make_cfg):
+    model = rps.build_model(make_cfg(), torch.device("cpu"))
+    assert model.dct_conv._forward_pre_hooks and model.dct_conv.pointwise._forward_hooks
 
 
 # --------------------------------------------------------------------------- SSCA
