@@ -96,6 +96,7 @@ THRESHOLD = 0.5  # P(fake) at or above which an image is called fake
 
 # --- augmentation (training only; evaluation uses a centre crop) ---
 CROP_SIZE = 224  # crop side in pixels; images are cropped, never resized (resizing erases artefacts)
+TEST_CROP = "grid"  # "grid": test crops on the 8-pixel grid with mirror padding, as in training; "rine": torchvision's CenterCrop with zero padding, RINE's own (import-rine sets it)
 BLUR_PROB = 0.5  # probability of Gaussian blur
 BLUR_SIGMA_MAX = 3.0  # blur sigma ~ U[0, BLUR_SIGMA_MAX]
 JPEG_PROB = 0.5  # probability of JPEG re-encoding
@@ -128,6 +129,7 @@ CHOICES = {
     "FUSION": ("cross_attention", "concat"),
     "SPECTRAL_INPUT": ("dct", "clip_patches"),
     "AMP": ("auto", "bf16", "fp16", "off"),
+    "TEST_CROP": ("grid", "rine"),
 }
 
 # The demo changes these (options given on the command line still win).
@@ -1165,7 +1167,9 @@ def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=Fals
         return TrainAugment(cfg)
     perturbed = jpeg_quality is not None or blur_sigma or resize is not None
     steps = [FixedPerturbation(jpeg_quality, blur_sigma, resize)] if perturbed else []
-    if tencrop:
+    if cfg.TEST_CROP == "rine":  # exactly RINE's test preprocessing, so its released weights give its numbers
+        steps += [transforms.TenCrop(cfg.CROP_SIZE), StackCrops()] if tencrop else [transforms.CenterCrop(cfg.CROP_SIZE), to_uint8_tensor]
+    elif tencrop:
         steps += [TenCrops(cfg.CROP_SIZE), StackCrops()]
     else:
         steps += [CentreCrop(cfg.CROP_SIZE), to_uint8_tensor]
@@ -2356,7 +2360,7 @@ def rine_checkpoint(path, clip_model, amp):
     state, width, n_blocks, dim, nproj = read_rine_weights(path)
     config = vars(default_config())
     config.update(CLIP_MODEL=clip_model, AMP=amp, USE_SPECTRAL=False, USE_TIE=True, BLOCKS="all", PROJ_DIM=dim,
-                  NPROJ=nproj, CROP_SIZE=224, DROPOUT=0.5)
+                  NPROJ=nproj, CROP_SIZE=224, DROPOUT=0.5, TEST_CROP="rine")
     backbone = {"hidden_size": width, "num_hidden_layers": n_blocks}  # checked when the backbone is loaded
     checkpoint = checkpoint_record(config, backbone, state, 0, {}, [])
     checkpoint["imported_from"] = {"file": Path(path).name,

@@ -213,6 +213,8 @@ def test_no_use_spectral_trains_rine_and_round_trips_through_rines_format(tmp_pa
     reimported_model = rps.load_detector(tmp_path / "reimported.pth", device="cpu")
     expected = rine_reference_logits(tiny_backbone, exported, images)
     torch.testing.assert_close(script_logits(trained_model, images), expected, rtol=0, atol=1e-5)
+    assert reimported_model.config["TEST_CROP"] == "rine" and trained_model.config["TEST_CROP"] == "grid"
+    trained_model.config["TEST_CROP"] = "rine"  # the same crops as the re-imported detector's
     np.testing.assert_allclose(rps.predict(reimported_model, images), rps.predict(trained_model, images),
                                rtol=0, atol=1e-6)
 
