@@ -3,7 +3,7 @@
 One file, read top to bottom: configuration, setup, losses, modules, model, data,
 evaluation, training, command line.
 
-    python rine_plus_ssca.py --demo                  # offline: tiny backbone, generated data, ~1 min on a CPU
+    python rine_plus_ssca.py --demo                  # offline: tiny backbone, generated data, ~2.5 min on a 2-core CPU
     python rine_plus_ssca.py                         # train with the constants below (data/train, data/val)
     python rine_plus_ssca.py --batch-size 64 --xi 0.4  # any constant can be overridden; --help lists them
     python rine_plus_ssca.py eval --ckpt checkpoints/best_rine_plus_ssca.pth --data data/test
