@@ -1,6 +1,6 @@
 """The guides must stay true to the script.
 
-docs/GUIDE.md, docs/GUIDE.zh-CN.md and README.zh-CN.md name constants, options and commands in
+docs/GUIDE.md, docs/GUIDE.zh-CN.md, README.md and README.zh-CN.md name constants, options and commands in
 inline code and code blocks. Each of those names must exist: constants in CONFIG_NAMES, options in
 the --help of the command they are used with, commands in the script's command table. The two
 guides must also keep the same sections and both show the model as a Mermaid diagram.
@@ -16,7 +16,7 @@ from conftest import REPO, run_script
 
 GUIDES = [REPO / "docs" / "GUIDE.md", REPO / "docs" / "GUIDE.zh-CN.md"]
 CHINESE_README = REPO / "README.zh-CN.md"
-DOCUMENTS = GUIDES + [CHINESE_README]
+DOCUMENTS = GUIDES + [REPO / "README.md", CHINESE_README]
 
 # UPPER_CASE names the documents may show that are not configuration constants.
 NOT_CONSTANTS = {
@@ -271,7 +271,7 @@ def printed_by_the_script(quote, patterns):
     return any(pattern.fullmatch(quote) for pattern in patterns)
 
 
-@pytest.mark.parametrize("path", DOCUMENTS + [REPO / "README.md"], ids=lambda path: path.name)
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: path.name)
 def test_every_quoted_message_is_one_the_script_prints(path, message_patterns):
     stale = [quote for quote in quoted_messages(path.read_text(encoding="utf-8"))
              if not printed_by_the_script(quote, message_patterns)]

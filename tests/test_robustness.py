@@ -25,9 +25,12 @@ from PIL import Image
 
 import rine_plus_ssca as rps
 from conftest import SCRIPT, nonempty_lines, run_script, small_config, write_demo_tree
+from test_run_ends import WRAPPER
 
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
-             "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu"]
+             "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "bf16"]
+# AMP given, not "auto": the bf16 backbone path on every CPU, not only where the CPU has bf16 instructions
+# (the float32 path: tests/test_evaluation.py, tests/test_guards.py).
 # 2 x 12 images per class: 48 training images, 6 steps of 8 per epoch, every image seen every epoch.
 LAYOUT = {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 4, "bilinear": 4}}
 STEPS_PER_EPOCH = 2 * sum(LAYOUT["train"].values()) // 8
@@ -49,17 +52,21 @@ def run_side_by_side(jobs, max_workers=2):
         return list(pool.map(lambda job: run_script(job[0], cwd=job[1], env_extra={"OMP_NUM_THREADS": "1"}), jobs))
 
 
-def start_script(args, cwd, name):
-    """Popen of the script with stdout/stderr in files (a pipe nobody reads could fill up and block it)."""
+def start_script(args, cwd, name, hold_at=3):
+    """Popen of the script with stdout/stderr in files (a pipe nobody reads could fill up and block it).
+
+    It runs under test_run_ends' wrapper: training step `hold_at` writes <name>.step once done and waits
+    there until a stop signal arrives, so a test signals the run at a known step instead of polling for
+    a moment that a fast machine could pass in between two looks.
+    """
     out, err = open(Path(cwd) / f"{name}.out", "w"), open(Path(cwd) / f"{name}.err", "w")
-    command = [sys.executable, str(SCRIPT), *map(str, args)]
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        # Started in the background by a non-interactive shell, pytest (and so the child) would ignore Ctrl-C;
-        # run the script as __main__ with Python's usual Ctrl-C handler instead.
-        command[1:2] = ["-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", str(SCRIPT)]
-    process = subprocess.Popen(command, cwd=cwd, env=env_one_thread(), stdout=out, stderr=err)
+    wrapper = Path(cwd) / "run_ends_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    env = dict(env_one_thread(), RUN_ENDS_MODE="wait_for_signal", RUN_ENDS_AT=str(hold_at),
+               RUN_ENDS_MARKER=str(Path(cwd) / name))
+    process = subprocess.Popen([sys.executable, str(wrapper), *map(str, args)], cwd=cwd, env=env, stdout=out, stderr=err)
     process.log_files = (out, err)
+    process.marker = Path(cwd) / f"{name}.step"
     return process
 
 
@@ -104,18 +111,16 @@ def assert_same_tensors(expected, got, what):
     assert not different, f"{what}: tensors differ: {different[:5]}"
 
 
-def wait_for_mid_epoch_checkpoint(process, path, guard_s=900):
-    """Poll the last checkpoint until it holds a position inside an epoch (step > 0); returns its resume state."""
+def wait_for_held_step(process, path, guard_s=900):
+    """Wait until the run holds its training step (its marker file exists); returns the last checkpoint's resume state."""
     deadline = time.monotonic() + guard_s  # a guard against hanging forever, not a timing assertion
-    while time.monotonic() < deadline:
+    while not process.marker.exists():
         if process.poll() is not None:
-            pytest.fail(f"the run ended (exit {process.returncode}) before a mid-epoch checkpoint was seen")
-        if path.exists():
-            resume = load(path)["resume"]  # written atomically: whatever is there must load
-            if resume["step"] > 0:
-                return resume
+            pytest.fail(f"the run ended (exit {process.returncode}) before reaching the held step")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {process.marker.name} after {guard_s} s")
         time.sleep(0.05)
-    pytest.fail(f"no mid-epoch checkpoint in {path}")
+    return load(path)["resume"]  # written atomically at step 2 (SAVE_EVERY_STEPS), before the held step 3
 
 
 # =========================================================================== shared runs
@@ -159,7 +164,7 @@ def test_killed_run_resumes_to_the_same_checkpoint(reference, tmp_path):
     process = start_script(reference.args(tmp_path / "ckpt"), tmp_path, "killed")
     last = tmp_path / "ckpt" / rps.LAST_NAME
     try:
-        seen = wait_for_mid_epoch_checkpoint(process, last)
+        seen = wait_for_held_step(process, last)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         finish(process)
@@ -222,7 +227,7 @@ def interrupted(reference, tmp_path_factory):
     results = {}
     try:
         for sig, (process, folder) in runs.items():
-            wait_for_mid_epoch_checkpoint(process, folder / "ckpt" / rps.LAST_NAME)
+            wait_for_held_step(process, folder / "ckpt" / rps.LAST_NAME)
             process.send_signal(sig)
     finally:
         for sig, (process, folder) in runs.items():

@@ -10,7 +10,6 @@ and a run waiting for a signal holds its training step until the signal has arri
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -274,14 +273,8 @@ def test_a_signal_to_the_group_saves_the_exact_step_and_exits(group_signalled, s
 
 # =========================================================================== e. torchrun: one process is signalled
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_under_torchrun_a_stop_seen_by_one_process_stops_both(tree, wrapper, tiny_backbone, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(wrapper), *tiny_args(tree, tiny_backbone, tmp_path / "ckpt", "--epochs", "2", "--seed", "0")]
     run = Run(command, tmp_path, "torchrun", RUN_ENDS_MODE="wait_for_signal", RUN_ENDS_AT=3, RUN_ENDS_RANK=1)
     try:

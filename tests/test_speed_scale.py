@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,9 @@ import rine_plus_ssca as rps
 from conftest import SCRIPT, run_script, write_demo_tree
 
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
-             "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu"]
+             "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "bf16"]
+# AMP given, not "auto": the bf16 backbone path on every CPU, not only where the CPU has bf16 instructions
+# (the float32 path: tests/test_evaluation.py, tests/test_guards.py).
 # 48 training images: 6 full batches of 8, so every (image, view) entry is read in every epoch.
 LAYOUT = {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 4, "bilinear": 4}}
 CACHED_RUN = ["--deterministic", "--epochs", "2", "--cache-views", "2", "--seed", "0"]
@@ -256,12 +257,6 @@ def test_a_changed_image_opens_a_new_cache(cache_runs):
 
 # =========================================================================== 7. torchrun
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("torchrun")
@@ -274,7 +269,7 @@ def torchrun_run(tmp_path_factory, tiny_backbone):
         Image.fromarray(rps.make_demo_image(rng, fake)).save(tree / f"val/nearest/{folder}/wrong_{i}.png")
     args = train_args(tree, tiny_backbone, root / "ckpt", "--epochs", "1", "--seed", "0")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(SCRIPT), *map(str, args)]
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     return result, root, tree

@@ -1,0 +1,436 @@
+"""Behaviours the README promises, each guarded by a test that fails when the behaviour breaks.
+
+DDP training equals one process, the XI=0 ablation, --threshold, the best-epoch and resume rules,
+the training view and the epoch order, checkpoint round trips and atomic writes, the `skipped`
+column, a decompression bomb in a training set, and the CPU's float32 and bf16 backbone paths.
+"""
+
+import csv
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import rine_plus_ssca as rps
+from conftest import SCRIPT, clip_pixels, run_script, small_config, write_demo_tree
+
+TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
+             "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "off"]
+LAYOUT = {"train": {"nearest": 4, "bilinear": 4}, "val": {"nearest": 2, "bilinear": 2},
+          "test": {"nearest": 3, "bilinear": 3}}
+
+
+def train_args(data_dir, backbone, checkpoint_dir, *extra):
+    return [*TINY_ARGS, "--clip-model", backbone, "--data-dir", data_dir, "--checkpoint-dir", checkpoint_dir,
+            *map(str, extra)]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_demo_tree(tmp_path_factory.mktemp("guards") / "data", LAYOUT, seed=5)
+
+
+@pytest.fixture(scope="module")
+def trained(tree, tiny_backbone):
+    """One in-process training run (1 epoch, 2 steps): its best checkpoint and configuration."""
+    cfg = small_config(tiny_backbone, DATA_DIR=str(tree), CHECKPOINT_DIR=str(tree.parent / "ckpt"), EPOCHS=1)
+    best = Path(rps.train(cfg))
+    return dict(cfg=cfg, best=best, last=best.with_name(rps.LAST_NAME),
+                test_images=sorted(str(p) for p in (tree / "test").rglob("*.png")))
+
+
+# =========================================================================== 1. DDP equals one process
+
+def torchrun(args, cwd):
+    """The script under torchrun with 2 CPU processes. --standalone lets torchrun bind a free port itself
+    and keep it: a port chosen here and bound later could be taken in between."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+               *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_two_processes_train_the_same_weights_as_one(tmp_path, tiny_backbone):
+    # RINE mode (no BatchNorm: on the CPU each process would normalise its own share), no dropout
+    # (its masks depend on each process's RNG) and XI=0 (SupCon pairs form within a process's share).
+    # The weight decay makes Adam's step depend on the gradient's scale, so a BCE missing its
+    # `* world_size` (half the gradient) trains other weights.
+    tree = write_demo_tree(tmp_path / "data", {"train": {"nearest": 4, "bilinear": 4}, "val": {"nearest": 2}}, seed=8)
+    extra = ["--no-use-spectral", "--dropout", "0", "--xi", "0", "--deterministic", "--weight-decay", "0.5",
+             "--epochs", "1", "--seed", "3", "--lr", "0.01"]
+    one = assert_ok(run_script(train_args(tree, tiny_backbone, tmp_path / "one", *extra), cwd=tmp_path))
+    two = assert_ok(torchrun(train_args(tree, tiny_backbone, tmp_path / "two", *extra), cwd=tmp_path))
+    assert "x 2 processes" in two.stdout and "x 2 processes" not in one.stdout
+    expected, got = load(tmp_path / "one" / rps.LAST_NAME)["model"], load(tmp_path / "two" / rps.LAST_NAME)["model"]
+    initial = rps.RINEPlusSSCA(small_config(tiny_backbone, USE_SPECTRAL=False, DROPOUT=0.0)).trainable_state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert any(not torch.equal(expected[k], initial[k]) for k in expected if k in initial)  # it did train
+
+
+# =========================================================================== 2. XI = 0
+
+def one_batch(tree, cfg):
+    items, _ = rps.prepare_splits(cfg)
+    loader = rps.make_loader(items, cfg, train=True, device=torch.device("cpu"),
+                             sampler=rps.SeededEpochSampler(len(items), 0, 8, drop_last=True), batch_size=8)
+    return next(iter(loader))
+
+
+@pytest.mark.parametrize("xi", [0.0, 0.5])
+def test_a_training_step_with_xi_zero_leaves_supcon_out(tree, make_cfg, xi):
+    cfg = make_cfg(XI=xi, DATA_DIR=str(tree))
+    torch.manual_seed(0)
+    model = rps.RINEPlusSSCA(cfg).train()
+    optimizer = rps.make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = one_batch(tree, cfg)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    bce, supcon, loss = rps.training_step(model, model, batch, optimizer, scaler, cfg, torch.device("cpu"), None)
+    projection = [p for name, p in model.named_parameters() if name.startswith("supcon_projection.")]
+    assert projection
+    if xi == 0:
+        assert supcon.item() == 0 and loss.item() == pytest.approx(bce.item())
+        assert all(p.grad is None for p in projection)  # no gradient at all, not a zero one
+    else:
+        assert supcon.item() > 0 and loss.item() == pytest.approx(bce.item() + xi * supcon.item(), rel=1e-5)
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection)
+    after = model.trainable_state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.startswith("classifier.") for k in moved)
+    assert any(k.startswith("supcon_projection.") for k in moved) == (xi > 0)
+
+
+def test_xi_zero_trains_another_model_and_logs_no_supcon(tree, tiny_backbone, tmp_path):
+    runs = {}
+    for xi in (0.0, 0.2):
+        cfg = small_config(tiny_backbone, DATA_DIR=str(tree), CHECKPOINT_DIR=str(tmp_path / f"xi{xi}"), EPOCHS=1, XI=xi)
+        runs[xi] = load(Path(rps.train(cfg)).with_name(rps.LAST_NAME))
+    assert runs[0.0]["history"][0]["train_supcon"] == 0
+    assert runs[0.2]["history"][0]["train_supcon"] > 0
+    zero, point_two = runs[0.0]["model"], runs[0.2]["model"]
+    assert zero.keys() == point_two.keys()
+    assert not torch.equal(zero["classifier.weight"], point_two["classifier.weight"])
+
+
+# =========================================================================== 3. --threshold
+
+def threshold_between(scores):
+    """A threshold that splits the scores and calls a different number of them fake than 0.5 does."""
+    values = np.sort(np.unique(scores))
+    middles = (values[:-1] + values[1:]) / 2
+    at_half = int((scores >= 0.5).sum())
+    chosen = [t for t in middles if int((scores >= t).sum()) != at_half]
+    assert chosen, scores
+    return float(chosen[len(chosen) // 2])
+
+
+def test_threshold_changes_predict_verdicts_as_computed_from_the_scores(trained, tmp_path, capsys):
+    model = rps.load_detector(trained["best"], device="cpu")
+    paths = trained["test_images"]
+    scores = rps.predict(model, paths)
+    threshold = threshold_between(scores)
+    out = tmp_path / "predict.csv"
+    assert rps.main(["predict", *paths, "--ckpt", str(trained["best"]), "--threshold", str(threshold),
+                     "--num-workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows] == paths
+    np.testing.assert_allclose([float(r["p_fake"]) for r in rows], scores, atol=1e-5)
+    assert [r["verdict"] for r in rows] == ["fake" if s >= threshold else "real" for s in scores]
+    n_fake = int((scores >= threshold).sum())
+    assert f"({n_fake} fake, {len(paths) - n_fake} real at threshold {threshold})" in capsys.readouterr().out
+
+
+def test_threshold_changes_eval_accuracy_as_computed_from_the_scores(trained, tmp_path):
+    model = rps.load_detector(trained["best"], device="cpu")
+    paths = trained["test_images"]
+    scores = dict(zip(paths, rps.predict(model, paths)))
+    threshold = threshold_between(np.array(list(scores.values())))
+    args = rps.build_eval_parser().parse_args(["--ckpt", str(trained["best"]), "--data", str(trained["cfg"].DATA_DIR + "/test"),
+                                               "--threshold", str(threshold), "--num-workers", "0", "--device", "cpu",
+                                               "--out", str(tmp_path)])
+    rows = {row[1]: dict(zip(rps.METRIC_COLUMNS, row[2:])) for row in rps.run_eval(args)}
+    for generator in ("nearest", "bilinear"):
+        real = np.array([s for p, s in scores.items() if f"/{generator}/0_real/" in p])
+        fake = np.array([s for p, s in scores.items() if f"/{generator}/1_fake/" in p])
+        assert rows[generator]["real_acc"] == pytest.approx((real < threshold).mean())
+        assert rows[generator]["fake_acc"] == pytest.approx((fake >= threshold).mean())
+        expected_acc = ((real < threshold).sum() + (fake >= threshold).sum()) / (len(real) + len(fake))
+        assert rows[generator]["acc"] == pytest.approx(expected_acc)
+
+
+# =========================================================================== 4. selection and resume rules
+
+def metrics(acc=0.5, ap=0.5, auc=0.5, val_bce=0.5):
+    return dict(acc=acc, ap=ap, auc=auc, val_bce=val_bce)
+
+
+@pytest.mark.parametrize("metric", ["acc", "ap", "auc"])
+def test_is_better_takes_the_higher_score_and_breaks_ties_by_loss(metric):
+    best = metrics(**{metric: 0.8}, val_bce=0.4)
+    assert rps.is_better(metric, metrics(**{metric: 0.9}, val_bce=0.9), best)
+    assert not rps.is_better(metric, metrics(**{metric: 0.7}, val_bce=0.1), best)
+    assert rps.is_better(metric, metrics(**{metric: 0.8}, val_bce=0.3), best)  # tie: lower loss wins
+    assert not rps.is_better(metric, metrics(**{metric: 0.8}, val_bce=0.4), best)  # a full tie keeps the first
+    # Only the chosen metric counts.
+    others = {name: 0.99 for name in ("acc", "ap", "auc") if name != metric}
+    assert not rps.is_better(metric, {**metrics(**{metric: 0.7}, val_bce=0.5), **others}, best)
+    assert rps.is_better(metric, metrics(), None)
+    assert rps.is_better(metric, metrics(), metrics(**{metric: float("nan")}))
+    assert not rps.is_better(metric, metrics(**{metric: float("nan")}), None)
+
+
+def test_is_better_with_loss_takes_the_lower_loss():
+    best = metrics(ap=0.5, val_bce=0.4)
+    assert rps.is_better("loss", metrics(ap=0.1, val_bce=0.3), best)
+    assert not rps.is_better("loss", metrics(ap=0.99, val_bce=0.5), best)
+    assert not rps.is_better("loss", metrics(val_bce=0.4), best)
+    assert rps.is_better("loss", metrics(val_bce=2.0), None)
+
+
+@pytest.mark.parametrize("change", [dict(PROJ_DIM=16), dict(USE_TIE=False), dict(BLOCKS="1,3"), dict(CROP_SIZE=192)],
+                         ids=lambda c: next(iter(c)))
+def test_resume_refuses_changed_architecture_constants(trained, change):
+    cfg = small_config(trained["cfg"].CLIP_MODEL, **{**{n: getattr(trained["cfg"], n) for n in rps.CONFIG_NAMES}, **change})
+    model = rps.RINEPlusSSCA(cfg)
+    optimizer = rps.make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(rps.UserError, match=f"Can't resume: {next(iter(change))} differ"):
+        rps.restore_last(trained["last"], cfg, model, optimizer, scaler)
+    same = trained["cfg"]
+    model = rps.RINEPlusSSCA(same)
+    state = rps.restore_last(trained["last"], same, model, rps.make_optimizer(model, same), scaler)
+    assert (state["epoch"], state["step"]) == (2, 0)
+
+
+def test_resume_with_no_last_checkpoint_is_a_user_error(tmp_path, make_cfg):
+    cfg = make_cfg(CHECKPOINT_DIR=str(tmp_path))
+    model = rps.RINEPlusSSCA(cfg)
+    with pytest.raises(rps.UserError, match="Nothing to resume"):
+        rps.restore_last(tmp_path / rps.LAST_NAME, cfg, model, rps.make_optimizer(model, cfg),
+                         torch.amp.GradScaler("cpu", enabled=False))
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_stop_signal_stops_at_once(first, second):
+    with rps.GracefulStop() as stop:
+        signal.raise_signal(first)  # the handler runs before raise_signal returns
+        assert stop.requested == first  # the first only asks: training goes on to the end of the step
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(second)
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+    assert signal.getsignal(signal.SIGTERM) != stop._handle  # handlers restored
+
+
+# =========================================================================== 5. training view and epoch order
+
+def pil_jpeg(image, quality):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def drawn_parameters(augment, image, seed):
+    """The draws TrainAugment makes from a generator seeded with `seed`, in its order."""
+    generator = torch.Generator().manual_seed(seed)
+    uniform = lambda: torch.rand(1, generator=generator).item()  # noqa: E731
+    sigma = uniform() * augment.blur_sigma_max if uniform() < augment.blur_prob else 0.0
+    quality = torch.randint(augment.jpeg_quality_min, 101, (1,), generator=generator).item() if uniform() < augment.jpeg_prob else None
+    tops, lefts = rps.crop_origins(image.height, augment.crop), rps.crop_origins(image.width, augment.crop)
+    top = tops[int(torch.randint(0, len(tops), (1,), generator=generator))]
+    left = lefts[int(torch.randint(0, len(lefts), (1,), generator=generator))]
+    return sigma, quality, top, left, uniform() < 0.5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_training_view_is_blur_jpeg_crop_flip_as_pil_does_them(make_cfg, seed):
+    cfg = make_cfg(BLUR_PROB=0.5, JPEG_PROB=0.5, BLUR_SIGMA_MAX=3.0, JPEG_QUALITY_MIN=30)
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rps.make_demo_image(rng, True, "bilinear", 256))
+    for augment in (rps.TrainAugment(cfg, whole_image=True), rps.TrainAugment(cfg)):
+        sigma, quality, top, left, flip = drawn_parameters(augment, image, seed)
+        expected = image.filter(ImageFilter.GaussianBlur(radius=sigma)) if sigma > 0 else image
+        expected = pil_jpeg(expected, quality) if quality is not None else expected
+        expected = np.asarray(expected.crop((left, top, left + 224, top + 224)))
+        expected = expected[:, ::-1] if flip else expected
+        got = augment(image, torch.Generator().manual_seed(seed))
+        np.testing.assert_array_equal(got, expected.transpose(2, 0, 1), err_msg=f"sigma {sigma}, quality {quality}")
+
+
+def test_training_views_do_blur_and_recompress():
+    # Certain blur and JPEG: the view differs from the plain crop (so the comparison above is not vacuous).
+    cfg = small_config("unused", BLUR_PROB=1.0, JPEG_PROB=1.0, BLUR_SIGMA_MAX=2.0, JPEG_QUALITY_MIN=30)
+    image = Image.fromarray(rps.make_demo_image(np.random.default_rng(1), False, "bilinear", 224))
+    augment = rps.TrainAugment(cfg)
+    sigma, quality, top, left, flip = drawn_parameters(augment, image, 11)
+    assert sigma > 0 and quality is not None and (top, left) == (0, 0)
+    plain = np.asarray(image)[:, ::-1] if flip else np.asarray(image)
+    got = augment(image, torch.Generator().manual_seed(11)).transpose(1, 2, 0)
+    assert np.abs(got.astype(int) - plain.astype(int)).mean() > 1
+
+
+def test_epoch_order_is_a_seeded_shuffle_and_ranks_split_each_global_batch():
+    n, batch = 23, 6
+    one = rps.SeededEpochSampler(n, seed=4, batch_size=batch, drop_last=True)
+    orders = {}
+    for epoch in (1, 2):
+        one.set_epoch(epoch)
+        orders[epoch] = [i for i, _, _ in one]
+        assert len(orders[epoch]) == len(one) == (n // batch) * batch and len(set(orders[epoch])) == len(orders[epoch])
+        assert [view for _, _, view in one] == [epoch - 1] * len(one)
+        assert [s for _, s, _ in one] == [rps.sample_seed(4, i, epoch - 1) for i in orders[epoch]]
+        ranks = []
+        for rank in range(2):
+            sampler = rps.SeededEpochSampler(n, seed=4, batch_size=batch, drop_last=True, rank=rank, world_size=2)
+            sampler.set_epoch(epoch)
+            ranks.append([i for i, _, _ in sampler])
+        assert not set(ranks[0]) & set(ranks[1])
+        for b in range(n // batch):  # global batch b = the union of each rank's local batch b
+            local = [r[b * batch // 2:(b + 1) * batch // 2] for r in ranks]
+            assert sorted(local[0] + local[1]) == sorted(orders[epoch][b * batch:(b + 1) * batch])
+    assert orders[1] != orders[2] and orders[1] != sorted(orders[1])
+    again = rps.SeededEpochSampler(n, seed=4, batch_size=batch, drop_last=True)
+    again.set_epoch(2, start_batch=1)
+    assert [i for i, _, _ in again] == orders[2][batch:]  # a resumed epoch replays the rest of its order
+
+
+@pytest.mark.parametrize("quality, sigma, factor", [(50, None, None), (None, 2.0, None), (None, None, 0.75), (75, 1.0, 1.5)])
+def test_robustness_perturbation_is_what_pil_does(make_cfg, quality, sigma, factor):
+    image = Image.fromarray(rps.make_demo_image(np.random.default_rng(2), True, "nearest", 320))
+    expected = image
+    if factor is not None:
+        expected = expected.resize((round(320 * factor), round(320 * factor)), Image.BICUBIC)
+    if sigma:
+        expected = expected.filter(ImageFilter.GaussianBlur(radius=sigma))
+    if quality is not None:
+        expected = pil_jpeg(expected, quality)
+    pixels = np.asarray(expected)
+    top, left = (pixels.shape[0] - 224) // 2 // 8 * 8, (pixels.shape[1] - 224) // 2 // 8 * 8
+    transform = rps.build_transform(make_cfg(), False, jpeg_quality=quality, blur_sigma=sigma, resize=factor)
+    got = transform(image).numpy()
+    np.testing.assert_array_equal(got, pixels[top:top + 224, left:left + 224].transpose(2, 0, 1))
+    clean = rps.build_transform(make_cfg(), False)(image).numpy()
+    assert np.abs(got.astype(int) - clean.astype(int)).mean() > 0.5  # the perturbation did something
+
+
+# =========================================================================== 6. checkpoints and the skipped column
+
+def test_checkpoint_round_trip_gives_back_the_exact_weights_and_scores(trained):
+    stored = load(trained["best"])["model"]
+    first, second = (rps.load_detector(trained["best"], device="cpu") for _ in range(2))
+    loaded = first.trainable_state_dict()
+    assert loaded.keys() == stored.keys()
+    assert all(torch.equal(loaded[k], stored[k]) for k in stored)
+    paths = trained["test_images"]
+    np.testing.assert_array_equal(rps.predict(first, paths), rps.predict(second, paths))
+    # The weights are the trained ones, not a fresh initialisation that happens to fit the shapes.
+    torch.manual_seed(trained["cfg"].SEED)
+    fresh = rps.RINEPlusSSCA(trained["cfg"]).trainable_state_dict()
+    assert any(not torch.equal(fresh[k], stored[k]) for k in stored if k in fresh)
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "write", "fsync", "os.replace"])
+def test_a_write_failing_half_way_keeps_the_old_checkpoint(tmp_path, monkeypatch, failing):
+    path = tmp_path / "ckpt" / rps.LAST_NAME
+    rps.atomic_torch_save({"weights": torch.arange(5.0)}, path)
+    old = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "torch.save":
+        monkeypatch.setattr(rps.torch, "save", fail)
+    elif failing == "fsync":
+        monkeypatch.setattr(rps.os, "fsync", fail)
+    elif failing == "os.replace":
+        monkeypatch.setattr(rps.os, "replace", fail)
+    else:  # the disk fills after the first bytes: part of the file is written, then the write fails
+        real_open = open
+
+        class HalfWriter:
+            def __init__(self, file):
+                self.file = file
+
+            def write(self, data):
+                self.file.write(bytes(data[: len(data) // 2]))
+                self.file.flush()
+                fail()
+
+            def __getattr__(self, name):
+                return getattr(self.file, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self.file.__exit__(*exc)
+
+        monkeypatch.setattr("builtins.open", lambda *a, **k: HalfWriter(real_open(*a, **k)))
+    with pytest.raises(OSError):
+        rps.atomic_torch_save({"weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == old
+    assert torch.equal(load(path)["weights"], torch.arange(5.0))
+    assert sorted(p.name for p in path.parent.iterdir()) == [rps.LAST_NAME]  # no temporary file left
+
+
+def test_skipped_column_counts_unreadable_images(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "test"
+    shutil.copytree(Path(trained["cfg"].DATA_DIR) / "test", copy)
+    (copy / "nearest/1_fake/broken.png").write_bytes(b"\x89PNG truncated")
+    (copy / "nearest/0_real/empty.png").write_bytes(b"")
+    model = rps.load_detector(trained["best"], device="cpu")
+    items = rps.collect_test_items(str(copy))
+    rows, kept, _, _ = rps.evaluate_items(model, items, batch_size=4, num_workers=0)
+    skipped = {row[0]: row[1 + rps.METRIC_COLUMNS.index("skipped")] for row in rows}
+    assert skipped == {"nearest": 2, "bilinear": 0, "mean (2 generators)": 2}
+    assert len(kept) == len(items) - 2
+
+
+# =========================================================================== 7. a decompression bomb in a training set
+
+def test_a_decompression_bomb_in_the_training_set_is_skipped_with_workers(tmp_path, tiny_backbone):
+    tree = write_demo_tree(tmp_path / "data", {"train": {"nearest": 4, "bilinear": 4}, "val": {"nearest": 2}}, seed=9)
+    # More pixels than PIL's limit (about 89 million) but a small file: decoding it would take 270 MB in RGB.
+    side = int((Image.MAX_IMAGE_PIXELS + 1) ** 0.5) + 1
+    Image.new("1", (side, side)).save(tree / "train/nearest/1_fake/bomb.png")
+    result = assert_ok(run_script(train_args(tree, tiny_backbone, tmp_path / "ckpt", "--num-workers", "2", "--epochs", "1",
+                                             "--max-bad-fraction", "0.2"), cwd=tmp_path))
+    history = load(tmp_path / "ckpt" / rps.LAST_NAME)["history"]
+    assert [m["skipped_train"] for m in history] == [1], result.stdout[-2000:]
+    assert "bomb.png" in result.stdout + result.stderr
+
+
+# =========================================================================== 8. both CPU backbone paths
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_backbone_tokens_in_float32_and_bf16_match(tiny_backbone, dtype):
+    pixels = clip_pixels(2, seed=3)
+    reference, _ = rps.FrozenCLIPBlocks(tiny_backbone, dtype=torch.float32)(pixels)
+    tokens, _ = rps.FrozenCLIPBlocks(tiny_backbone, dtype=dtype)(pixels)
+    assert tokens.shape == reference.shape and torch.isfinite(tokens.float()).all()
+    tolerance = 0 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(tokens.float(), reference, rtol=tolerance, atol=tolerance)
+    if dtype == torch.bfloat16:  # really computed in bf16, not silently in float32
+        assert not torch.equal(tokens.float(), reference)
