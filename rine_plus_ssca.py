@@ -1362,16 +1362,17 @@ def workers_within_shared_memory(workers, bytes_per_batch, prefetch_factor, shm=
 def make_loader(items, cfg, train, device, transform=None, sampler=None, cache=None, batch_size=None):
     """DataLoader over (path, label, group) items; test transform unless `sampler` gives training seeds."""
     dataset = ImageDataset(items, transform or build_transform(cfg, train), cache)
+    batch_size, prefetch_factor = batch_size or cfg.BATCH_SIZE, 4
     workers = max(0, min(cfg.NUM_WORKERS, os.cpu_count() or 1))
-    workers = workers_within_shared_memory(workers, batch_bytes(dataset, batch_size or cfg.BATCH_SIZE, cfg.CROP_SIZE), 4)
+    workers = workers_within_shared_memory(workers, batch_bytes(dataset, batch_size, cfg.CROP_SIZE), prefetch_factor)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size or cfg.BATCH_SIZE,
+        batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
         collate_fn=collate_skipping_bad,
         worker_init_fn=functools.partial(_worker_ignores_stop_signals, main_process=os.getpid()),
         generator=torch.Generator().manual_seed(0),  # its own RNG: starting an epoch leaves torch's global RNG alone
