@@ -99,3 +99,12 @@ def run_script(args, cwd, timeout=900, env_extra=None):
 
 def nonempty_lines(text):
     return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """One `python rine_plus_ssca.py --demo` run in a tmp folder, shared by every test that needs the demo's
+    checkpoint (~1 min): (folder, completed process). The checkpoint is folder/checkpoints/demo/BEST_NAME."""
+    cwd = tmp_path_factory.mktemp("demo")
+    result = run_script(["--demo"], cwd=cwd)
+    return cwd, result

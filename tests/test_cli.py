@@ -142,14 +142,6 @@ def test_options_reach_the_saved_configuration(tmp_path, tiny_backbone):
 
 # --------------------------------------------------------------------------- the demo and eval
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """One `python rine_plus_ssca.py --demo` run shared by the tests below (~1 min)."""
-    cwd = tmp_path_factory.mktemp("demo")
-    result = run_script(["--demo"], cwd=cwd)
-    return cwd, result
-
-
 def parse_table(text, first_column):
     """Rows (lists of cells) of the last plain-text table whose header starts with first_column."""
     lines = text.splitlines()

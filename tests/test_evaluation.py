@@ -474,7 +474,7 @@ def own_images(tmp_path_factory, trained, model):
     root = tmp_path_factory.mktemp("own")
     readable, unreadable = write_own_images(root / "mine")
     results = {}
-    for name, extra in (("plain", []), ("tencrop", ["--tencrop"])):
+    for name, extra in (("plain", ["--explain", "heatmaps"]), ("tencrop", ["--tencrop"])):
         result = run_script(["predict", "--ckpt", trained["ckpt"], "mine", "--out", f"{name}.csv", "--device", "cpu",
                              "--num-workers", "0", *extra], cwd=root)
         results[name] = result
@@ -509,6 +509,24 @@ def test_predict_scores_every_kind_of_image_and_skips_the_rest(own_images, model
             assert row["p_fake"] == "" and row["verdict"] == "unreadable", row
         else:
             assert abs(float(row["p_fake"]) - float(score)) <= ROUNDED and row["verdict"] == verdict, row
+
+
+def test_predict_explain_draws_each_readable_image_and_reports_the_broken_ones(own_images, model):
+    result = own_images["results"]["plain"]
+    readable, unreadable = own_images["readable"], own_images["unreadable"]
+    pictures = sorted((own_images["root"] / "heatmaps").iterdir())
+    assert [p.name for p in pictures] == sorted(Path(name).stem + ".png" for name in readable)  # none for the broken
+    for picture in pictures:
+        with Image.open(picture) as drawn:
+            assert drawn.format == "PNG" and drawn.width > 400
+    assert f"wrote {len(readable)} heatmaps in heatmaps (unreadable images have none)" in result.stdout
+    lines = parse_predict_output(result.stdout)
+    assert all(lines[name] == ("-", "skipped") for name in unreadable)  # still reported, not drawn
+    # Each picture's P(fake) is the one predict printed (the same centre crop, no --tencrop).
+    explanations = rps.explain(model, list(readable.values()))
+    for name, explanation in zip(readable, explanations):
+        assert abs(explanation.p_fake - float(lines[name][0])) <= ROUNDED, name
+        assert explanation.local_p_fake.shape == (28, 28) and explanation.crop.shape == (224, 224, 3)
 
 
 def test_tencrop_averages_the_ten_crops(own_images, model):

@@ -78,6 +78,7 @@ def test_notebook_shows_the_image_grid_and_the_tie_plot(executed):
     cells_with_images = [cell.source for cell in executed["notebook"].cells if cell.cell_type == "code"
                          and any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))]
     assert any("imshow" in source for source in cells_with_images)
+    assert any("explain(" in source for source in cells_with_images)  # the heatmaps of the example images
     assert any("block_importance" in source for source in cells_with_images)
 
 

@@ -1,0 +1,151 @@
+"""Heatmaps (`explain`, `predict --explain`): they find generated regions, and they are what they claim to be.
+
+The localisation test is the issue's: demo photos with a square from a demo fake (1/9 of the crop) pasted at a
+random place; with the demo's checkpoint the map's maximum must fall inside the square for at least 40 of 50
+images (a random point: 11%). A head of the same shape that learned nothing must not find it: the map has to
+come from what the model learned, not from the image alone.
+"""
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rine_plus_ssca as rps
+
+N_SPLICED = 50
+
+
+def hits(model, images):
+    """How many maps peak inside their square."""
+    count = 0
+    for image, (left, top, side) in images:
+        x, y = rps.peak_of(rps.explain(model, Image.fromarray(image))[0])
+        count += left <= x < left + side and top <= y < top + side
+    return count
+
+
+@pytest.fixture(scope="module")
+def demo_model(demo):
+    cwd, result = demo
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return rps.load_detector(cwd / "checkpoints/demo" / rps.BEST_NAME, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def spliced():
+    rng = np.random.default_rng(0)
+    return [rps.make_spliced_demo_image(rng, "bilinear") for _ in range(N_SPLICED)]
+
+
+def test_spliced_squares_are_a_ninth_of_the_crop_and_inside_it(spliced):
+    image, (left, top, side) = spliced[0]
+    assert image.shape == (256, 256, 3) and side == 75  # 75^2 / 224^2 = 0.112
+    origin = 16  # the centre crop's origin on the 8-pixel grid
+    real_again = rps.make_demo_image(np.random.default_rng(0), False)
+    changed = np.argwhere((image != real_again).any(axis=2))
+    assert changed.min(axis=0).tolist() >= [origin + top, origin + left]
+    assert changed.max(axis=0).tolist() <= [origin + top + side - 1, origin + left + side - 1]
+    assert all(0 <= left <= 224 - side and 0 <= top <= 224 - side for _, (left, top, side) in spliced)
+
+
+def test_heatmaps_find_the_generated_square_in_at_least_80_percent_of_50_images(demo_model, spliced):
+    found = hits(demo_model, spliced)
+    print(f"heatmap maximum inside the square: {found}/{N_SPLICED}")
+    assert found >= 0.8 * N_SPLICED, f"{found}/{N_SPLICED}"
+
+
+def test_an_untrained_head_does_not_find_the_square(demo, demo_model, spliced):
+    """The sanity check of Adebayo et al. (2018): same architecture and backbone, weights never trained."""
+    cwd, _ = demo
+    cfg = rps.default_config()
+    cfg.__dict__.update(demo_model.config)
+    cfg.CLIP_MODEL = str(cwd / cfg.CLIP_MODEL)
+    torch.manual_seed(0)
+    untrained = rps.build_model(cfg, torch.device("cpu")).eval()
+    found = hits(untrained, spliced[:25])
+    assert found <= 0.3 * 25, f"an untrained head found {found}/25: the map does not depend on training"
+
+
+def test_the_map_is_the_head_on_a_spectral_map_made_of_one_token(make_cfg):
+    """local_logits takes the 1x1 shortcut; it must equal the definition: every position replaced by the token."""
+    for overrides in (dict(), dict(FUSION="concat"), dict(SPECTRAL_INPUT="clip_patches", PATCH_BLOCK=2)):
+        torch.manual_seed(0)
+        model = rps.build_model(make_cfg(**overrides), torch.device("cpu")).eval()
+        pixels = torch.randn(1, 3, 224, 224)
+        logit, local = model.local_logits(pixels)
+        with torch.no_grad():
+            assert torch.allclose(logit, model(pixels)[0], atol=1e-5), overrides
+            z_clip, block_tokens, spectral_map = model.branches(pixels)
+            height, width = spectral_map.shape[-2:]
+            assert local.shape == (height, width), overrides
+            for row, column in ((0, 0), (height // 2, width - 1), (height - 1, 3)):
+                uniform = spectral_map[:, :, row:row + 1, column:column + 1].expand_as(spectral_map)
+                expected = model.classifier(model.fused_representation(z_clip, block_tokens, uniform))
+                assert torch.allclose(local[row, column], expected.squeeze(), atol=1e-4), (overrides, row, column)
+        assert local.std() > 0  # positions differ: the map says something about places
+
+
+def test_without_the_spectral_branch_each_cell_is_the_mean_over_the_windows_covering_it(make_cfg):
+    torch.manual_seed(0)
+    model = rps.build_model(make_cfg(USE_SPECTRAL=False), torch.device("cpu")).eval()
+    crop = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    window, stride = rps.EXPLAIN_WINDOW, rps.EXPLAIN_STRIDE
+    assert (window, stride) == (32, 16)
+    tiled = rps.mirror_tiled(crop[:32, :32], 224)
+    assert tiled.shape == (224, 224, 3)
+    np.testing.assert_array_equal(tiled[:32, :32], crop[:32, :32])
+    np.testing.assert_array_equal(tiled[:32, 32:64], crop[:32, :32][:, ::-1])  # mirrored, so no seam
+    np.testing.assert_array_equal(tiled[32:64, :32], crop[:32, :32][::-1])
+
+    cells = rps.window_logits(model, crop, batch_size=7)
+    assert cells.shape == (28, 28)
+
+    def logit_of(top, left):
+        pixels = rps.normalise_uint8(torch.from_numpy(rps.mirror_tiled(crop[top:top + 32, left:left + 32], 224)).permute(2, 0, 1)[None])
+        with torch.no_grad():
+            return model(pixels)[0].item()
+
+    assert cells[0, 0].item() == pytest.approx(logit_of(0, 0), abs=1e-5)  # only the first window covers it
+    # Cell (3, 5) covers pixels 24-31 x 40-47: the windows starting at rows 0 and 16, columns 16 and 32.
+    expected = np.mean([logit_of(top, left) for top in (0, 16) for left in (16, 32)])
+    assert cells[3, 5].item() == pytest.approx(expected, abs=1e-5)
+
+    explanation = rps.explain(model, Image.fromarray(crop))[0]
+    assert explanation.method == "windows"
+    np.testing.assert_allclose(explanation.local_logits, cells.numpy(), atol=1e-5)
+
+
+def test_explanations_read_on_the_scale_of_p_fake(make_cfg):
+    torch.manual_seed(0)
+    model = rps.build_model(make_cfg(), torch.device("cpu")).eval()
+    images = [Image.fromarray(rps.make_demo_image(np.random.default_rng(i), i % 2 == 1, size=260)) for i in range(3)]
+    explanations = rps.explain(model, images)
+    np.testing.assert_allclose([e.p_fake for e in explanations], rps.predict(model, images), atol=1e-5)
+    for explanation, image in zip(explanations, images):
+        assert explanation.image is None and explanation.method == "spectral tokens"
+        np.testing.assert_array_equal(explanation.crop, np.asarray(rps.CentreCrop(224)(image)))
+        np.testing.assert_allclose(explanation.local_p_fake, 1 / (1 + np.exp(-explanation.local_logits.astype(np.float64))),
+                                   rtol=1e-6)
+
+
+def test_drawing_makes_a_two_panel_figure_without_touching_the_pyplot_backend(make_cfg, tmp_path):
+    torch.manual_seed(0)
+    model = rps.build_model(make_cfg(), torch.device("cpu")).eval()
+    backend = matplotlib.get_backend()
+    explanation = rps.explain(model, Image.fromarray(rps.make_demo_image(np.random.default_rng(0), True)))[0]
+    figure = rps.draw_explanation(explanation, threshold=0.5)
+    assert len([axis for axis in figure.axes if axis.images]) == 2
+    assert f"P(fake) {explanation.p_fake:.3f}" in figure._suptitle.get_text()
+    figure.savefig(tmp_path / "map.png")
+    assert Image.open(tmp_path / "map.png").size[0] > 400
+    assert matplotlib.get_backend() == backend
+
+
+def test_picture_names_are_unique_and_readable():
+    assert rps.explanation_file_names(["a/x.png", "b/x.png", "c/y.jpg"]) == ["a_x.png", "b_x.png", "c_y.png"]
+    assert rps.explanation_file_names(["mine/gray.png", "mine/tiny.png"]) == ["gray.png", "tiny.png"]
+    assert rps.explanation_file_names(["/abs/p.png"]) == ["p.png"]
+    names = rps.explanation_file_names(["d/x.png", "d/x.jpg"])  # same stem in the same folder
+    assert len(set(names)) == 2 and all(name.endswith(".png") for name in names)
