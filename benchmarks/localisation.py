@@ -168,7 +168,7 @@ def main(argv=None):
     chosen = "spectral tokens" if model.use_spectral else "windows"
     untrained = rps.build_model(untrained_config(model, args.ckpt), torch.device("cpu")).eval()
     rate, seconds = hit_rate(untrained, METHODS[chosen], images)
-    print(f"{"control: " + chosen + ", untrained head":<52} {rate:5.2f}  {1000 * seconds:8.0f}")
+    print(f"{'control: ' + chosen + ', untrained head':<52} {rate:5.2f}  {1000 * seconds:8.0f}")
     for generator in ["real"] + [g for g in rps.DEMO_LAYOUT["test"] if g != args.generator]:
         rate, seconds = hit_rate(model, METHODS[chosen], spliced_images(args.n, generator, args.seed + 1))
         print(f"{'control: ' + chosen + ', square from ' + generator:<52} {rate:5.2f}  {1000 * seconds:8.0f}")

@@ -116,3 +116,18 @@ def test_gpu_check_quick_on_the_cpu_writes_both_reports_with_every_section(tmp_p
     assert re.search(r"\| fp16 \+ GradScaler \| [\d.]+ \| [\d.]+ \|", markdown)
     assert re.search(r"\| jpeg 1024 px \| [\d.]+", markdown)
     assert list(scratch.iterdir()) == []
+
+
+def test_localisation_prints_a_hit_rate_per_method_and_the_controls(demo, tmp_path):
+    cwd, result = demo
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, scratch = run_benchmark("localisation.py", ["--ckpt", cwd / "checkpoints/demo/best_rine_plus_ssca.pth", "--n", "4",
+                                                        "--methods", "spectral tokens,attention,input gradient"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = {m[1].strip(): float(m[2]) for m in re.finditer(r"^(\S.*?)\s+(\d\.\d\d)\s+\d+$", result.stdout, re.MULTILINE)}
+    expected = {"spectral tokens", "attention", "input gradient", "control: spectral tokens, untrained head",
+                "control: spectral tokens, square from real", "control: spectral tokens, square from nearest",
+                "control: spectral tokens, square from transposed_conv"}
+    assert set(rates) == expected, result.stdout
+    assert all(0.0 <= rate <= 1.0 for rate in rates.values())
+    assert list(scratch.iterdir()) == []
