@@ -1,20 +1,22 @@
 """RINE+SSCA: tell real photographs from AI-generated images.
 
 One file, read top to bottom: configuration, setup, losses, modules, model, data,
-evaluation, training, command line.
+evaluation, pictures, checkpoints, heatmaps, training, command line.
 
     python rine_plus_ssca.py --demo                  # offline: tiny backbone, generated data, ~2.5 min on a 2-core CPU
     python rine_plus_ssca.py                         # train with the constants below (data/train, data/val)
     python rine_plus_ssca.py --batch-size 64 --xi 0.4  # any constant can be overridden; --help lists them
     python rine_plus_ssca.py eval --ckpt checkpoints/best_rine_plus_ssca.pth --data data/test
+    python rine_plus_ssca.py predict --ckpt checkpoints/best_rine_plus_ssca.pth photos/ --explain heatmaps/
     python rine_plus_ssca.py import-rine --ckpt model_4class_trainable.pth --out checkpoints/rine_4class.pth
 
 Training writes checkpoints/best_rine_plus_ssca.pth (best epoch by SELECT_METRIC) and
 checkpoints/last_rine_plus_ssca.pth (every epoch). In a notebook:
 
-    from rine_plus_ssca import load_detector, predict
+    from rine_plus_ssca import explain, load_detector, predict
     model = load_detector("checkpoints/best_rine_plus_ssca.pth")
     p_fake = predict(model, ["photo.jpg"])          # NumPy array, P(fake) per image
+    maps = explain(model, ["photo.jpg"])            # where each image looks generated; draw_explanation(maps[0])
 
 The model: a frozen CLIP ViT-L/14 gives the CLS token of every block; a shared
 projection Q1, a trainable importance estimator (TIE) over blocks and a second
