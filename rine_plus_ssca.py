@@ -14,7 +14,7 @@ checkpoints/last_rine_plus_ssca.pth (every epoch). In a notebook:
 
     from rine_plus_ssca import load_detector, predict
     model = load_detector("checkpoints/best_rine_plus_ssca.pth")
-    p_fake = predict(model, ["photo.jpg"])          # NumPy array, P(fake) per image
+    p_fake = predict(model, ["photo.jpg"])          # NumPy array, P(fake) per image (calibrated in training)
 
 The model: a frozen CLIP ViT-L/14 gives the CLS token of every block; a shared
 projection Q1, a trainable importance estimator (TIE) over blocks and a second
@@ -3542,9 +3542,10 @@ def run_predict(args):
     print(f"{'P(fake)':>8}  verdict  image")
     for path in files:
         if path in scores:
-            verdict = "fake" if scores[path] >= threshold else "real"
-            print(f"{scores[path]:8.4f}  {verdict:7}  {path}")
-            results.append([path, f"{scores[path]:.6f}", verdict])
+            p, verdict = scores[path], "fake" if scores[path] >= threshold else "real"
+            # A sharpening temperature gives P(fake) far below 0.0001, which a stored threshold can still split.
+            print(f"{p:8.4f}  {verdict:7}  {path}" if p >= 1e-4 or p == 0 else f"{p:8.1e}  {verdict:7}  {path}")
+            results.append([path, f"{p:.6g}", verdict])
         else:
             print(f"{'-':>8}  {'skipped':7}  {path} (not a readable image)")
             results.append([path, "", "unreadable"])

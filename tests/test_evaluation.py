@@ -469,7 +469,7 @@ def write_own_images(folder):
     return readable, ["text.png", "empty.jpg", "truncated.jpg"]
 
 
-PREDICT_LINE = re.compile(r"^\s*(\d\.\d{4}|-)\s+(real|fake|skipped)\s+(\S+)(?: \(not a readable image\))?$")
+PREDICT_LINE = re.compile(r"^\s*(\d\.\d{4}|\d\.\de-\d+|-)\s+(real|fake|skipped)\s+(\S+)(?: \(not a readable image\))?$")
 
 
 def parse_predict_output(stdout):
