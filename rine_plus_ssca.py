@@ -15,7 +15,7 @@ checkpoints/last_rine_plus_ssca.pth (every epoch). In a notebook:
 
     from rine_plus_ssca import explain, load_detector, predict
     model = load_detector("checkpoints/best_rine_plus_ssca.pth")
-    p_fake = predict(model, ["photo.jpg"])          # NumPy array, P(fake) per image
+    p_fake = predict(model, ["photo.jpg"])          # NumPy array, P(fake) per image (calibrated in training)
     maps = explain(model, ["photo.jpg"])            # where each image looks generated; draw_explanation(maps[0])
 
 The model: a frozen CLIP ViT-L/14 gives the CLS token of every block; a shared
@@ -95,6 +95,7 @@ EPOCHS = 1  # passes over the training set (RINE found 1 best; try 3-5 when the 
 BATCH_SIZE = 128  # images per step (RINE: 128; lower it if you run out of GPU memory)
 SELECT_METRIC = "ap"  # validation metric that picks the best epoch: "acc", "ap", "auc" or "loss"
 THRESHOLD = 0.5  # P(fake) at or above which an image is called fake
+TARGET_FPR = 0.0  # false-positive rate on validation reals for the stored threshold predict uses; 0 = off (0.01-0.1)
 
 # --- augmentation (training only; evaluation uses a centre crop) ---
 CROP_SIZE = 224  # crop side in pixels; images are cropped, never resized (resizing erases artefacts)
@@ -643,6 +644,9 @@ class RINEPlusSSCA(nn.Module):
     def __init__(self, cfg, backbone_dtype=None, **backbone_options):
         super().__init__()
         self.config = {name: getattr(cfg, name) for name in CONFIG_NAMES}
+        # P(fake) = sigmoid(logit / temperature). Plain attributes, not parameters or buffers (the state dict
+        # keeps RINE's keys): load_detector sets both from the checkpoint's calibration_record.
+        self.temperature, self.calibration = 1.0, None
         use_patches = cfg.USE_SPECTRAL and cfg.SPECTRAL_INPUT == "clip_patches"
         self.backbone = FrozenCLIPBlocks(cfg.CLIP_MODEL, cfg.BLOCKS, cfg.PATCH_BLOCK if use_patches else None,
                                          backbone_dtype, **backbone_options)
@@ -1781,11 +1785,11 @@ def make_tiny_backbone(folder, seed=0):
 
 
 # =====================================================================================
-# Evaluation
+# Evaluation: metrics, calibration (a temperature for P(fake), its ECE), scoring
 # =====================================================================================
 
 def binary_metrics(labels, probs, threshold=0.5):
-    """Accuracy at threshold, real/fake accuracy, best-threshold (oracle) accuracy, AP and ROC AUC."""
+    """Accuracy at threshold, real/fake accuracy, best-threshold (oracle) accuracy, AP, ROC AUC and ECE."""
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     labels = np.asarray(labels).astype(int)
@@ -1807,6 +1811,7 @@ def binary_metrics(labels, probs, threshold=0.5):
         "best_acc": best_acc,
         "ap": float(average_precision_score(labels, probs)) if both_classes else float("nan"),
         "auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
+        "ece": expected_calibration_error(labels, probs),  # one class is enough: the fraction of fakes is 0 or 1
     }
 
 
@@ -1819,22 +1824,149 @@ def threshold_for_fpr(real_probs, target_fpr):
     return float(np.nextafter(descending[allowed], np.inf))
 
 
-def model_probabilities(model, pixels, cls_tokens=None):
-    """P(fake) for [B,3,H,W], or the mean over crops for [B,n_crops,3,H,W] (TenCrop)."""
+def rates_at(labels, probs, threshold):
+    """(false-positive rate on the reals, recall on the fakes) when P(fake) >= threshold is called fake;
+    NaN for a class that is absent."""
+    labels, called_fake = np.asarray(labels), np.asarray(probs) >= threshold
+    return tuple(float(called_fake[labels == label].mean()) if (labels == label).any() else float("nan")
+                 for label in (0, 1))
+
+
+ECE_BINS = 15  # equal-width bins of P(fake) for the ECE and the reliability diagram (Guo et al. 2017 use 15)
+
+
+def reliability_bins(labels, probs, n_bins=ECE_BINS):
+    """Equal-width bins of P(fake) over [0, 1] (bin k holds [k/n, (k+1)/n), the last one also 1.0):
+    (images per bin, mean P(fake) per bin, fraction of fakes per bin), NaN in empty bins."""
+    labels, probs = np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    index = np.minimum((probs * n_bins).astype(int), n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 in empty bins: NaN
+        mean_p = np.bincount(index, probs, minlength=n_bins) / counts
+        fraction_fake = np.bincount(index, labels, minlength=n_bins) / counts
+    return counts, mean_p, fraction_fake
+
+
+def expected_calibration_error(labels, probs, n_bins=ECE_BINS):
+    """ECE of P(fake): over equal-width bins of P(fake), the sum of (share of the images in the bin) x
+    |fraction of fakes in the bin - mean P(fake) in the bin|. 0 means "P(fake) 0.9 is 90% fakes" holds.
+
+    Binned on P(fake) itself, not on the confidence max(P, 1 - P) of Guo et al. 2017's top-label ECE:
+    for a detector the question is what P(fake) means, and the confidence version would put the
+    images at P(fake) 0.1 and 0.9 in one bin, where a detector too quick to call fakes and one too
+    quick to call reals can cancel out. NaN without images.
+    """
+    counts, mean_p, fraction_fake = reliability_bins(labels, probs, n_bins)
+    filled = counts > 0
+    if not filled.any():
+        return float("nan")
+    return float(np.sum(counts[filled] / counts.sum() * np.abs(fraction_fake[filled] - mean_p[filled])))
+
+
+def probabilities_from_logits(logits, temperature=1.0):
+    """P(fake) = sigmoid(logit / temperature) in float64, so that a sharpening temperature (below 1) does not
+    round P(fake) to exactly 0 or 1 as float32 does above |logit / T| ~ 17. Logits [B] -> [B]; logits
+    [B, n_crops] -> the mean over the crops of their P(fake), [B]. Tensors or arrays; the same type back."""
+    as_array = not isinstance(logits, torch.Tensor)
+    probs = torch.sigmoid(torch.as_tensor(logits).double() / temperature)
+    probs = probs.mean(dim=1) if probs.dim() == 2 else probs
+    return probs.numpy() if as_array else probs
+
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # the temperatures fit_temperature searches: sharpen up to 20x, flatten up to 20x
+
+
+def fit_temperature(logits, labels, bounds=TEMPERATURE_BOUNDS, steps=60):
+    """Temperature scaling (Guo et al. 2017): the T minimising the mean binary NLL of sigmoid(logit / T) on
+    labelled logits. Returns (T, at_bound).
+
+    With beta = 1/T the NLL, mean(softplus(beta z) - y beta z), is convex in beta (its second derivative
+    mean(z^2 sigmoid'(beta z)) is >= 0), so its minimum is where the derivative mean(z (sigmoid(beta z) - y))
+    changes sign: found by bisection on log(beta), deterministic. When the derivative keeps one sign
+    over the whole range, the optimum lies beyond it, and the bound is returned with at_bound True:
+    e.g. when every logit is on the right side of 0 (all verdicts right at 0.5), the NLL keeps falling
+    as T -> 0. Changing T never changes a verdict at 0.5, AP or AUC: only what P(fake) says.
+    """
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if not np.any(z):  # no images, or every logit 0: every temperature gives the same P(fake)
+        return 1.0, False
+
+    def slope(log_beta):  # the sign of dNLL/dbeta, which dNLL/dlog(beta) shares
+        return float(np.mean(z * (probabilities_from_logits(z * math.exp(log_beta)) - y)))
+
+    low, high = -math.log(bounds[1]), -math.log(bounds[0])  # log(beta) from the largest T to the smallest
+    if slope(low) >= 0:
+        return float(bounds[1]), True
+    if slope(high) <= 0:
+        return float(bounds[0]), True
+    for _ in range(steps):  # 60 halvings of a range of 6: below float64 resolution
+        middle = (low + high) / 2
+        low, high = (low, middle) if slope(middle) > 0 else (middle, high)
+    return math.exp(-(low + high) / 2), False
+
+
+def temperature_bound_reason(temperature):
+    """What a temperature at a bound of TEMPERATURE_BOUNDS says about the validation logits it was fitted on."""
+    if temperature <= TEMPERATURE_BOUNDS[0]:
+        return (f"lower bound {TEMPERATURE_BOUNDS[0]:g}: nearly every validation image was on the right side of "
+                "P(fake) 0.5, so ever sharper P(fake) fit them better")
+    return (f"upper bound {TEMPERATURE_BOUNDS[1]:g}: the validation logits barely told real from fake, so P(fake) is "
+            "flattened towards 0.5")
+
+
+def calibration_record(labels, logits, target_fpr=0.0):
+    """What a best checkpoint stores under "calibration", from its validation labels and raw logits.
+
+    temperature (fit_temperature, with at_bound), n_images, the validation ECE at T = 1 and at the
+    temperature, and separated: True when every validation image is on the right side of 0.5. Then the
+    NLL falls all the way to T -> 0 (every P(fake) 0 or 1): such a set cannot say how sure to be, so the
+    temperature stays 1 rather than taking the bound's arbitrary sharpening. With target_fpr > 0 also fpr_threshold, the lowest threshold calling at most that
+    share of the validation reals fake on the calibrated P(fake), its twin fpr_threshold_raw on the raw
+    P(fake) (each chosen on the values predict computes, so the bound holds exactly there), and what
+    fpr_threshold gives on the validation images (val_fpr, val_fake_recall); None when target_fpr is 0.
+    """
+    labels, logits = np.asarray(labels).astype(int), np.asarray(logits, dtype=np.float64)
+    temperature, at_bound = fit_temperature(logits, labels)
+    separated = len(labels) > 0 and bool(np.all(np.where(labels == 1, logits, -logits) > 0))
+    if separated:
+        temperature, at_bound = 1.0, False
+    calibrated, raw = probabilities_from_logits(logits, temperature), probabilities_from_logits(logits)
+    record = dict(temperature=temperature, n_images=len(labels), at_bound=at_bound, separated=separated,
+                  val_ece_raw=expected_calibration_error(labels, raw),
+                  val_ece_calibrated=expected_calibration_error(labels, calibrated),
+                  target_fpr=None, fpr_threshold=None, fpr_threshold_raw=None, val_fpr=None, val_fake_recall=None)
+    if target_fpr > 0:
+        threshold = threshold_for_fpr(calibrated[labels == 0], target_fpr)
+        val_fpr, val_fake_recall = rates_at(labels, calibrated, threshold)
+        record.update(target_fpr=target_fpr, fpr_threshold=threshold, val_fpr=val_fpr, val_fake_recall=val_fake_recall,
+                      fpr_threshold_raw=threshold_for_fpr(raw[labels == 0], target_fpr))
+    return record
+
+
+def model_logits(model, pixels, cls_tokens=None):
+    """Raw logits in float32: [B] for pixels [B,3,H,W], [B,n_crops] for [B,n_crops,3,H,W] (TenCrop)."""
     if pixels.dim() == 5:
         batch, crops = pixels.shape[:2]
         logits, _ = model(pixels.flatten(0, 1))
-        return torch.sigmoid(logits.float()).view(batch, crops).mean(dim=1)
+        return logits.float().view(batch, crops)
     logits, _ = model(pixels, cls_tokens)
-    return torch.sigmoid(logits.float())
+    return logits.float()
+
+
+def model_probabilities(model, pixels, cls_tokens=None):
+    """P(fake) [B] in float64 at the model's temperature (1 unless load_detector set a calibrated one);
+    for [B,n_crops,3,H,W] (TenCrop) the mean of the crops' P(fake)."""
+    return probabilities_from_logits(model_logits(model, pixels, cls_tokens), model.temperature)
 
 
 @torch.inference_mode()
 def score_loader(model, loader, device, amp_dtype, cache=None):
-    """Run the model over a loader: (indices, labels, P(fake), summed BCE, bad) with bad = [(index, error)]."""
+    """Run the model over a loader: (indices, labels, P(fake), raw logits, summed BCE, bad) with bad = [(index,
+    error)]. P(fake) is at the model's temperature; the logits are [N], or [N, 10] for ten crops, so that
+    probabilities_from_logits(logits, T) gives P(fake) at any temperature T exactly."""
     model.eval()
-    all_indices, all_labels, all_probs = [], [], []
-    bce_total, all_bad = torch.zeros((), device=device), []
+    all_indices, all_labels, all_probs, all_logits = [], [], [], []
+    bce_total, all_bad = torch.zeros((), dtype=torch.float64, device=device), []
     for batch in loader:
         all_bad += batch.bad
         if batch.pixels is None:
@@ -1843,15 +1975,17 @@ def score_loader(model, loader, device, amp_dtype, cache=None):
         labels, indices = batch.labels.to(device, non_blocking=True), batch.indices
         with head_autocast(device, amp_dtype):
             tokens = tokens_from_cache_or_backbone(model, batch, pixels, cache)
-            probs = model_probabilities(model, pixels, tokens)
-        bce_total += F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels, reduction="sum")
+            logits = model_logits(model, pixels, tokens)
+        probs = probabilities_from_logits(logits, model.temperature)
+        bce_total += F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels.double(), reduction="sum")
         all_indices.append(indices)
         all_labels.append(labels.cpu())
         all_probs.append(probs.cpu())
+        all_logits.append(logits.cpu())
     if not all_probs:
-        return np.zeros(0, int), np.zeros(0), np.zeros(0), 0.0, all_bad
+        return np.zeros(0, int), np.zeros(0), np.zeros(0), np.zeros(0, np.float32), 0.0, all_bad
     return (torch.cat(all_indices).numpy(), torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy(),
-            float(bce_total.item()), all_bad)
+            torch.cat(all_logits).numpy(), float(bce_total.item()), all_bad)
 
 
 def format_table(columns, rows):
@@ -1878,7 +2012,7 @@ def _cell(value):
     return str(value)
 
 
-METRIC_COLUMNS = ["n_real", "n_fake", "acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "skipped"]
+METRIC_COLUMNS = ["n_real", "n_fake", "acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "ece", "skipped"]
 SPLIT_FOLDER_NAMES = {"train", "val", "test"}
 
 
@@ -1916,9 +2050,10 @@ def per_generator_rows(items, labels, probs, threshold, skipped_per_generator=No
     """One metrics row per generator (item[2]) in `order` (default: by name), plus the mean row.
 
     A row holding one class only is named '<generator> (fakes only)' or '(reals only)': its acc
-    is the share called right, it has no AP/AUC, and it stays out of the mean. The mean row
-    averages the metrics of the other rows, as papers do, says how many ('mean (20 generators)')
-    and sums their counts. Without a row holding both classes there is no mean row.
+    is the share called right, its ECE how far its mean P(fake) is from 1 (or 0), it has no AP/AUC,
+    and it stays out of the mean. The mean row averages the metrics of the other rows, as papers do,
+    says how many ('mean (20 generators)') and sums their counts. Without a row holding both classes
+    there is no mean row.
     """
     skipped_per_generator = skipped_per_generator or {}
     generators = np.array([item[2] for item in items], dtype=object)
@@ -2132,28 +2267,32 @@ def collect_test_items(data_dir, real_dir=None, max_per_class=None, seed=0, prot
 
 def score_items(model, items, batch_size=64, num_workers=4, tencrop=False, jpeg_quality=None, blur_sigma=None,
                 resize=None):
-    """P(fake) for each distinct path in items: (dict path -> probability, list of unreadable paths)."""
+    """P(fake) and the raw logits for each distinct path in items: (dict path -> P(fake), dict path -> logit (the
+    ten crops' logits with tencrop), list of unreadable paths)."""
     device = next(model.parameters()).device
     cfg = SimpleNamespace(**model.config)
     cfg.BATCH_SIZE, cfg.NUM_WORKERS = batch_size, num_workers
     unique_paths = sorted({item[0] for item in items})
     transform = build_transform(cfg, False, jpeg_quality, blur_sigma, tencrop, resize)
     loader = make_loader([(path, 0, "") for path in unique_paths], cfg, train=False, device=device, transform=transform)
-    indices, _, probs, _, bad = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
+    indices, _, probs, logits, _, bad = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
     for index, error in bad:
         print(f"warning: skipped unreadable image {unique_paths[index]} ({error})", file=sys.stderr)
     scores = {unique_paths[i]: float(p) for i, p in zip(indices, probs)}
-    return scores, [path for path in unique_paths if path not in scores]
+    logit_of = {unique_paths[i]: z for i, z in zip(indices, logits)}
+    return scores, logit_of, [path for path in unique_paths if path not in scores]
 
 
 def evaluate_items(model, items, batch_size=64, num_workers=4, threshold=None, tencrop=False, jpeg_quality=None,
                    blur_sigma=None, resize=None):
-    """Score collect_test_items' items and tabulate them: (table rows, scored items, labels, probs).
+    """Score collect_test_items' items and tabulate them: (table rows, scored items, labels, P(fake), raw logits
+    ([N], or [N, 10] with tencrop)).
 
     Unreadable images are counted per row in the 'skipped' column and left out of the rest.
     """
     threshold = model.config["THRESHOLD"] if threshold is None else threshold
-    scores, unreadable = score_items(model, items, batch_size, num_workers, tencrop, jpeg_quality, blur_sigma, resize)
+    scores, logit_of, unreadable = score_items(model, items, batch_size, num_workers, tencrop, jpeg_quality,
+                                               blur_sigma, resize)
     unreadable = set(unreadable)
     skipped = {}
     for path, _, generator in items:
@@ -2162,16 +2301,18 @@ def evaluate_items(model, items, batch_size=64, num_workers=4, threshold=None, t
     kept = [item for item in items if item[0] in scores]
     labels = np.array([item[1] for item in kept], dtype=np.int64)
     probs = np.array([scores[item[0]] for item in kept], dtype=np.float64)
+    logits = np.array([logit_of[item[0]] for item in kept], dtype=np.float64)
     if unreadable:
         print(f"warning: {len(unreadable)} unreadable images were skipped, e.g. {sorted(unreadable)[0]}")
     order = list(dict.fromkeys(item[2] for item in items))
-    return per_generator_rows(kept, labels, probs, threshold, skipped, order), kept, labels, probs
+    return per_generator_rows(kept, labels, probs, threshold, skipped, order), kept, labels, probs, logits
 
 
 def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, real_dir=None,
                     max_per_class=None, tencrop=False, jpeg_quality=None, blur_sigma=None, seed=0,
                     protocol=None, resize=None):
-    """Score every labelled image under data_dir (or a protocol's rows); returns (table rows, items, labels, probs)."""
+    """Score every labelled image under data_dir (or a protocol's rows); returns evaluate_items' (table rows,
+    items, labels, P(fake), raw logits)."""
     items = collect_test_items(data_dir, real_dir, max_per_class, seed, protocol)
     return evaluate_items(model, items, batch_size, num_workers, threshold, tencrop, jpeg_quality, blur_sigma, resize)
 
@@ -2240,6 +2381,34 @@ def plot_roc_pr(labels, probs, path):
     plt.close(figure)
 
 
+def plot_reliability(labels, curves, path, n_bins=ECE_BINS):
+    """Reliability diagram of all scored images pooled: per bin of P(fake), the fraction of fakes against the
+    mean P(fake) (on the diagonal when calibrated), and below it the images per bin.
+    curves: {name: P(fake) of the images}, e.g. the calibrated and the raw P(fake)."""
+    plt = _pyplot()
+    figure, (curve_axis, count_axis) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
+                                                    gridspec_kw={"height_ratios": [3, 1.3]})
+    curve_axis.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
+    width = 1.0 / n_bins / len(curves)
+    for number, (name, probs) in enumerate(curves.items()):
+        counts, mean_p, fraction_fake = reliability_bins(labels, probs, n_bins)
+        filled = counts > 0
+        ece = expected_calibration_error(labels, probs, n_bins)
+        curve_axis.plot(mean_p[filled], fraction_fake[filled], marker="o", color=f"C{number}",
+                        label=f"{name} (ECE {ece:.3f})")
+        bars = count_axis.bar(np.arange(n_bins) / n_bins + (number + 0.5) * width, counts, width=width,
+                              color=f"C{number}", label=name)
+        count_axis.bar_label(bars, labels=[str(n) if n else "" for n in counts], fontsize=7)
+    curve_axis.set(ylabel="fraction of fakes", xlim=(0, 1), ylim=(-0.02, 1.02),
+                   title=f"reliability ({len(labels)} images, {n_bins} bins of P(fake))")
+    curve_axis.legend(loc="upper left")
+    count_axis.set(xlabel="P(fake)", ylabel="images per bin")
+    count_axis.margins(y=0.25)  # room for the counts above the bars
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 ROBUSTNESS_LEVEL_NAMES = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "resize factor"}
 
 
@@ -2262,14 +2431,16 @@ def plot_robustness(kind, levels, mean_rows, clean_row, path):
 # Checkpoints: small, plain, loadable with weights_only=True
 # =====================================================================================
 
-def make_checkpoint(model, epoch, metrics, history):
-    """Config, trainable weights, metrics and versions: tensors and plain Python values only."""
+def make_checkpoint(model, epoch, metrics, history, calibration=None):
+    """Config, trainable weights, metrics, versions and (best checkpoints) the calibration_record:
+    tensors and plain Python values only."""
     return checkpoint_record(model.config, model.backbone.backbone_config, model.trainable_state_dict(),
-                             epoch, metrics, history)
+                             epoch, metrics, history, calibration)
 
 
-def checkpoint_record(config, backbone_config, state, epoch, metrics, history):
-    """The checkpoint dict, from a model's parts (training) or from imported weights (import-rine)."""
+def checkpoint_record(config, backbone_config, state, epoch, metrics, history, calibration=None):
+    """The checkpoint dict, from a model's parts (training) or from imported weights (import-rine).
+    Without a calibration (last and imported checkpoints) there is no "calibration" entry."""
     import transformers
     import torchvision
 
@@ -2287,6 +2458,7 @@ def checkpoint_record(config, backbone_config, state, epoch, metrics, history):
         "versions": plain_values({"torch": torch.__version__, "torchvision": torchvision.__version__,
                                   "transformers": transformers.__version__}),
         "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        **({"calibration": plain_values(calibration)} if calibration is not None else {}),
     }
 
 
@@ -2443,16 +2615,19 @@ def read_torch_checkpoint(path):
 
 
 def read_exported(path):
-    """A file written by the export command: tensors, with config and metrics as JSON metadata."""
+    """A file written by the export command: tensors, with config, metrics and calibration as JSON metadata."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-        return {"format": int(metadata.get("format", "0")), "config": json.loads(metadata["config"]), "model": tensors,
-                "metrics": json.loads(metadata.get("metrics", "{}")),
-                "backbone_folder": metadata.get("backbone_folder") or None}
+        checkpoint = {"format": int(metadata.get("format", "0")), "config": json.loads(metadata["config"]),
+                      "model": tensors, "metrics": json.loads(metadata.get("metrics", "{}")),
+                      "backbone_folder": metadata.get("backbone_folder") or None}
+        if "calibration" in metadata:
+            checkpoint["calibration"] = json.loads(metadata["calibration"])
+        return checkpoint
     except Exception as error:  # not safetensors, or safetensors without our metadata
         raise UserError(f"{path} is not a file written by `rine_plus_ssca.py export` ({type(error).__name__}: "
                         f"{first_line(error)}).") from error
@@ -2476,11 +2651,14 @@ def resolve_backbone_location(clip_model, checkpoint_path, backbone_folder=None)
     return clip_model
 
 
-def load_detector(path, clip_model=None, device=None):
+def load_detector(path, clip_model=None, device=None, calibrated=True):
     """Rebuild the model from a checkpoint (.pth) or an exported .safetensors file; returns it in eval mode
     on `device` (default: GPU if any).
 
     clip_model overrides where the backbone is loaded from (e.g. a local copy of ViT-L/14).
+    model.calibration is the checkpoint's calibration_record (None when it has none: a last or imported
+    checkpoint, or one from before calibration); model.temperature its temperature, so predict gives the
+    calibrated P(fake), or 1 (the raw P(fake), sigmoid(logit)) with calibrated=False or without one.
     """
     checkpoint = read_checkpoint(path)
     cfg = default_config()
@@ -2499,7 +2677,48 @@ def load_detector(path, clip_model=None, device=None):
         raise UserError(f"{path} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                         "it was written by another architecture or script version.")
     model.checkpoint_metrics = checkpoint.get("metrics", {})
+    model.calibration = checkpoint.get("calibration")
+    model.temperature = model.calibration["temperature"] if calibrated and model.calibration else 1.0
     return model.eval()
+
+
+def stored_threshold(model):
+    """The checkpoint's TARGET_FPR threshold on the scale of the P(fake) the model gives now (calibrated, or
+    raw at temperature 1), or None (no such threshold, or a temperature set by hand)."""
+    calibration = model.calibration
+    if not calibration or calibration.get("fpr_threshold") is None:
+        return None
+    if model.temperature == calibration["temperature"]:  # also right when the fit gave 1: both scales are one
+        return calibration["fpr_threshold"]
+    return calibration["fpr_threshold_raw"] if model.temperature == 1.0 else None
+
+
+def decision_threshold(model, threshold=None):
+    """(threshold, note) for calling images fake: `threshold` when given; else the threshold the checkpoint
+    stores for TARGET_FPR (chosen on validation reals, never on test images), with a note saying so;
+    else THRESHOLD. The note is None unless the threshold is the stored one."""
+    stored = stored_threshold(model) if threshold is None else None
+    if stored is None:
+        return (model.config["THRESHOLD"] if threshold is None else threshold), None
+    target = model.calibration["target_fpr"]
+    return stored, f"threshold {stored:.4g}: at most {target * 100:g}% of validation reals called fake (TARGET_FPR {target:g})"
+
+
+def describe_probabilities(model):
+    """One line saying what P(fake) is here: calibrated (the temperature), raw on request, or uncalibrated."""
+    calibration = model.calibration
+    if not calibration:
+        return ("P(fake) is uncalibrated, sigmoid(logit): the checkpoint stores no temperature (an imported or a last "
+                "checkpoint, or one from before calibration)")
+    fitted = f"{calibration['temperature']:.3g} fitted on {calibration['n_images']} validation images"
+    if calibration.get("separated") and model.temperature == 1.0:
+        return (f"P(fake) is sigmoid(logit), temperature 1: the {calibration['n_images']} validation images were all on "
+                "the right side of 0.5, which cannot fix a temperature")
+    if model.temperature != calibration["temperature"]:
+        shown = "raw, sigmoid(logit)" if model.temperature == 1.0 else f"sigmoid(logit / {model.temperature:g})"
+        return f"P(fake) is {shown}, not calibrated (the checkpoint's temperature is {fitted})"
+    bound = f" (at its {temperature_bound_reason(calibration['temperature'])})" if calibration["at_bound"] else ""
+    return f"P(fake) is calibrated, sigmoid(logit / T) with the temperature T = {fitted}{bound}"
 
 
 def check_backbone_matches(expected, actual, path, clip_model):
@@ -2514,10 +2733,12 @@ def check_backbone_matches(expected, actual, path, clip_model):
 
 @torch.inference_mode()
 def predict(model, images, batch_size=32, tencrop=False):
-    """P(fake) per image as a NumPy array [N]. images: a path, a PIL image, or a list of them.
+    """P(fake) per image as a NumPy array [N] (float64). images: a path, a PIL image, or a list of them.
 
     Any size and mode: smaller images are padded, larger ones centre-cropped (or, with
-    tencrop=True, averaged over ten crops).
+    tencrop=True, averaged over ten crops). P(fake) is calibrated, sigmoid(logit / model.temperature),
+    when load_detector found a calibration (describe_probabilities(model) says which);
+    decision_threshold(model) gives the threshold to call an image fake.
     """
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
@@ -2532,7 +2753,7 @@ def predict(model, images, batch_size=32, tencrop=False):
         pixels = normalise_uint8(pixels.to(device))
         with head_autocast(device, amp_dtype):
             probabilities.append(model_probabilities(model, pixels).cpu())
-    return torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
+    return torch.cat(probabilities).numpy() if probabilities else np.zeros(0)
 
 
 # =====================================================================================
@@ -2575,10 +2796,6 @@ def window_logits(model, crop, batch_size=32, window=EXPLAIN_WINDOW, stride=EXPL
     return sums / counts.clamp(min=1)
 
 
-def temperature_of(model):
-    return getattr(model, "temperature", 1.0)
-
-
 @torch.inference_mode()
 def explain(model, images, batch_size=32):
     """Where each image looks generated: a list of Explanation, one per image (a path, a PIL image, or a list).
@@ -2606,11 +2823,12 @@ def explain(model, images, batch_size=32):
             else:
                 logit, _ = model(normalise_uint8(crop[None].to(device)))
                 local, method = window_logits(model, crop.permute(1, 2, 0).numpy(), batch_size), "windows"
-        to_probability = lambda logits: torch.sigmoid(logits.double().cpu() / temperature_of(model)).numpy()
         explanations.append(Explanation(image=image if isinstance(image, (str, Path)) else None,
-                                        crop=crop.permute(1, 2, 0).numpy(), p_fake=float(to_probability(logit.reshape(-1))[0]),
-                                        local_p_fake=to_probability(local), local_logits=local.cpu().numpy(),
-                                        method=method))
+                                        crop=crop.permute(1, 2, 0).numpy(),
+                                        p_fake=float(probabilities_from_logits(logit.cpu(), model.temperature)[0]),
+                                        local_p_fake=probabilities_from_logits(local.cpu().numpy().ravel(),
+                                                                               model.temperature).reshape(local.shape),
+                                        local_logits=local.cpu().numpy(), method=method))
     return explanations
 
 
@@ -2734,6 +2952,9 @@ def validate_config(cfg):
         raise UserError("Need 0 < LR < 3e38 (a float32), XI >= 0, 0 <= DROPOUT < 1 and 0 < VAL_FRACTION < 1.")
     if cfg.CROP_SIZE % 8:
         raise UserError(f"CROP_SIZE={cfg.CROP_SIZE} must be a multiple of 8 (the DCT works on 8x8 blocks).")
+    if not 0 <= cfg.TARGET_FPR < 1:
+        raise UserError(f"TARGET_FPR={cfg.TARGET_FPR} must be at least 0 and below 1 (0 = off; e.g. 0.05 for 5% of "
+                        "validation reals called fake).")
 
 
 def print_block_importance(model, top=5):
@@ -2770,12 +2991,13 @@ ARCHITECTURE_CONSTANTS = ["CLIP_MODEL", "BLOCKS", "PROJ_DIM", "NPROJ", "SPEC_CHA
                           "USE_SPECTRAL", "USE_TIE", "FUSION", "SPECTRAL_INPUT", "PATCH_BLOCK", "CROP_SIZE"]
 
 
-def save_last(path, model, optimizer, scaler, epoch, step, history, best_metrics, sums):
+def save_last(path, model, optimizer, scaler, epoch, step, history, best_metrics, sums, best_calibration=None):
     """The last checkpoint: the model plus everything needed to resume after `step` of `epoch`."""
     checkpoint = make_checkpoint(model, epoch, history[-1] if history else {}, history)
     checkpoint["resume"] = {
         "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "best_metrics": plain_values(best_metrics), "epoch_sums": sums.detach().cpu(),
+        "best_metrics": plain_values(best_metrics), "best_calibration": plain_values(best_calibration),
+        "epoch_sums": sums.detach().cpu(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -2866,16 +3088,15 @@ def on_rank_zero(compute, rank, control_group):
     return value
 
 
-def gather_scores(indices, labels, probs, bce_sum, world_size):
+def gather_scores(indices, labels, probs, logits, bce_sum, world_size):
     """Validation results of all processes, concatenated (identity in a single process)."""
     if world_size == 1:
-        return indices, labels, probs, bce_sum
+        return indices, labels, probs, logits, bce_sum
     import torch.distributed as dist
 
     gathered = [None] * world_size
-    dist.all_gather_object(gathered, (indices, labels, probs, bce_sum))
-    return (np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]),
-            np.concatenate([g[2] for g in gathered]), sum(g[3] for g in gathered))
+    dist.all_gather_object(gathered, (indices, labels, probs, logits, bce_sum))
+    return tuple(np.concatenate([g[i] for g in gathered]) for i in range(4)) + (sum(g[4] for g in gathered),)
 
 
 class GracefulStop:
@@ -2988,8 +3209,8 @@ class TrainingRun:
     Set up once: the processes (rank, world_size, device, control_group), the model (and step_model,
     the model as stepped: under DDP or torch.compile), optimizer, scaler, the feature caches, the
     loaders with their logs of unreadable images, and where training starts (start_epoch, start_step).
-    Progress: history and best_metrics (per validated epoch), sums (the epoch's summed BCE, SupCon
-    and image count) and resume_at, the (epoch, step) a resumed run would continue from.
+    Progress: history, best_metrics and best_calibration (per validated epoch), sums (the epoch's summed
+    BCE, SupCon and image count) and resume_at, the (epoch, step) a resumed run would continue from.
     """
 
     def __init__(self, cfg):
@@ -3027,10 +3248,12 @@ class TrainingRun:
     def resume_if_asked(self):
         """Start at epoch 1, step 0, or (--resume) where the last checkpoint says, with its state."""
         self.start_epoch, self.start_step, self.history, self.best_metrics, self.resumed_sums = 1, 0, [], None, None
+        self.best_calibration = None
         if self.cfg.RESUME:
             state = restore_last(self.last_path, self.cfg, self.model, self.optimizer, self.scaler)
             self.start_epoch, self.start_step, self.history = state["epoch"], state["step"], state["history"]
             self.best_metrics, self.resumed_sums = state["best_metrics"], state["epoch_sums"].to(self.device)
+            self.best_calibration = state.get("best_calibration")
             print(f"resuming from {self.last_path}: epoch {self.start_epoch}, after step {self.start_step}\n")
 
     def open_caches(self, train_items, val_items):
@@ -3065,7 +3288,7 @@ class TrainingRun:
         """The last checkpoint, to resume after `step` of `epoch` (process 0 saves; others do nothing)."""
         if self.rank == 0:
             save_last(self.last_path, self.model, self.optimizer, self.scaler, epoch, step, self.history,
-                      self.best_metrics, self.sums)
+                      self.best_metrics, self.sums, self.best_calibration)
 
     def flush_caches(self):
         for cache in (self.train_cache, self.val_cache):
@@ -3129,13 +3352,15 @@ def run_epoch(run, epoch, stop):
 
 
 def validate(run, epoch):
-    """Score the validation split (every process's share, gathered) after `epoch`; returns the epoch's metrics."""
+    """Score the validation split (every process's share, gathered) after `epoch`; returns the epoch's metrics
+    (at temperature 1, the raw P(fake)) and the validation labels and raw logits, for the calibration."""
     n_seen = max(run.sums[2].item(), 1.0)
-    indices, labels, probs, val_bce_sum, bad = score_loader(run.model, run.val_loader, run.device, run.amp_dtype,
-                                                            run.val_cache)
+    indices, labels, probs, logits, val_bce_sum, bad = score_loader(run.model, run.val_loader, run.device,
+                                                                    run.amp_dtype, run.val_cache)
     run.val_bad.add(bad)
     end_run_if_asked([run.val_bad], control_group=run.control_group)
-    indices, labels, probs, val_bce_sum = gather_scores(indices, labels, probs, val_bce_sum, run.world_size)
+    indices, labels, probs, logits, val_bce_sum = gather_scores(indices, labels, probs, logits, val_bce_sum,
+                                                                run.world_size)
     run.flush_caches()
     metrics = binary_metrics(labels, probs, run.cfg.THRESHOLD)
     metrics.update(epoch=epoch, train_bce=run.sums[0].item() / n_seen, train_supcon=run.sums[1].item() / n_seen,
@@ -3143,20 +3368,23 @@ def validate(run, epoch):
                    skipped_train=len(run.train_bad.bad), skipped_val=len(run.val_bad.bad))
     if run.train_bad.bad or run.val_bad.bad:
         print(f"epoch {epoch}: {len(run.train_bad.bad)} unreadable training and {len(run.val_bad.bad)} validation images skipped")
-    return metrics
+    return metrics, labels, logits
 
 
-def select_and_save(run, epoch, metrics):
-    """Save the epoch as the best checkpoint when SELECT_METRIC says it is, then the last checkpoint to
-    resume at the next epoch. Returns the note for the epoch's line ("" when not the best)."""
+def select_and_save(run, epoch, metrics, val_labels, val_logits):
+    """Save the epoch as the best checkpoint when SELECT_METRIC says it is, with a temperature (and the
+    TARGET_FPR threshold) fitted on its validation logits, then the last checkpoint to resume at the
+    next epoch. Returns the note for the epoch's line ("" when not the best)."""
     marker = ""
     better = is_better(run.cfg.SELECT_METRIC, metrics, run.best_metrics)
+    calibration = calibration_record(val_labels, val_logits, run.cfg.TARGET_FPR) if better else run.best_calibration
     if better and run.rank == 0:
-        atomic_torch_save(make_checkpoint(run.model, epoch, metrics, run.history + [metrics]), run.best_path)
+        atomic_torch_save(make_checkpoint(run.model, epoch, metrics, run.history + [metrics], calibration), run.best_path)
         marker = f"  <- best {run.cfg.SELECT_METRIC}, saved {run.best_path}"
     # The epoch counts as done only from here: an interruption before this line resumes
     # at its validation, one after it at the next epoch.
     run.history, run.best_metrics = run.history + [metrics], (metrics if better else run.best_metrics)
+    run.best_calibration = calibration
     run.sums, run.resume_at = torch.zeros(3, device=run.device), (epoch + 1, 0)
     run.save_last(epoch + 1, 0)
     return marker
@@ -3194,6 +3422,30 @@ def report_training(run):
     print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}")
     print(f"\nvalidation, every epoch (train losses per image; best by {run.cfg.SELECT_METRIC} saved to {run.best_path}):")
     print(format_table(HISTORY_COLUMNS, [history_row(m) for m in run.history]))
+    if run.best_calibration is not None:
+        print()
+        print_calibration(run.best_calibration)
+
+
+def print_calibration(calibration):
+    """The best checkpoint's calibration in a line or two, with a warning when the temperature is at a bound."""
+    temperature = calibration["temperature"]
+    if calibration.get("separated"):
+        print(f"calibration: all {calibration['n_images']} validation images are on the right side of P(fake) 0.5, which "
+              "cannot say how sure P(fake) should be (any sharpening fits them better), so the temperature stays 1; "
+              f"validation ECE {calibration['val_ece_raw']:.3f}. A larger or harder validation set gives a temperature.")
+    else:
+        print(f"calibration: temperature {temperature:.3g} fitted on {calibration['n_images']} validation images; "
+              f"validation ECE {calibration['val_ece_raw']:.3f} -> {calibration['val_ece_calibrated']:.3f}")
+    if calibration["at_bound"]:
+        print(f"warning: calibration: the temperature stopped at its {temperature_bound_reason(temperature)}. "
+              "P(fake) at this temperature is not to be trusted on other images; eval's ece column shows how it does "
+              "on a test set.")
+    if calibration["fpr_threshold"] is not None:
+        raw = f" (on the raw P(fake): {calibration['fpr_threshold_raw']:.4g})" if temperature != 1.0 else ""
+        print(f"calibration: threshold {calibration['fpr_threshold']:.4g}{raw} calls {calibration['val_fpr']:.1%} of the validation reals fake "
+              f"(TARGET_FPR {calibration['target_fpr']:g}) and finds {calibration['val_fake_recall']:.1%} of the "
+              "validation fakes; predict uses it")
 
 
 def train(cfg):
@@ -3208,8 +3460,8 @@ def train(cfg):
             for epoch in range(run.start_epoch, cfg.EPOCHS + 1):
                 started = time.time()
                 run_epoch(run, epoch, stop)
-                metrics = validate(run, epoch)
-                marker = select_and_save(run, epoch, metrics)
+                metrics, val_labels, val_logits = validate(run, epoch)
+                marker = select_and_save(run, epoch, metrics, val_labels, val_logits)
                 print_epoch(metrics, started, marker)
                 end_run_if_asked([], stop, run.control_group)
         except KeyboardInterrupt:
@@ -3290,7 +3542,8 @@ def add_model_options(parser):
     parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth) written by training")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--threshold", type=float, default=None, help="P(fake) at or above which an image is fake (default: the checkpoint's THRESHOLD)")
+    parser.add_argument("--threshold", type=float, default=None, help="P(fake) at or above which an image is fake (default: the checkpoint's THRESHOLD; predict uses the threshold chosen on validation reals when TARGET_FPR was set in training)")
+    parser.add_argument("--uncalibrated", action="store_true", help="show the raw P(fake), sigmoid(logit), instead of the calibrated sigmoid(logit / temperature) with the temperature fitted on the validation set")
     parser.add_argument("--tencrop", action="store_true", help="average P(fake) over ten crops (RINE's test-time averaging for large images)")
     parser.add_argument("--clip-model", default=None, help="load the backbone from here instead of the checkpoint's CLIP_MODEL")
     parser.add_argument("--device", default="auto")
@@ -3341,7 +3594,7 @@ def build_eval_parser():
     parser.add_argument("--jpeg-quality", type=number_list(int), default=[], help="JPEG quality for every test image, or a sweep: 95,75,50,30")
     parser.add_argument("--blur-sigma", type=number_list(float), default=[], help="Gaussian blur sigma for every test image, or a sweep: 1,2,3")
     parser.add_argument("--resize", type=number_list(float), default=[], help="rescale every test image by this factor before the crop (bicubic, antialiased), or a sweep: 0.5,0.75,1.5")
-    parser.add_argument("--target-fpr", type=float, default=None, help="also report the threshold giving this false-positive rate on reals, e.g. 0.05")
+    parser.add_argument("--target-fpr", type=float, default=None, help="also report the threshold giving this false-positive rate on the real images of --data, e.g. 0.05: measured on these test images (an oracle), not a way to choose a threshold (train with TARGET_FPR for that)")
     parser.add_argument("--out", default=None, help="folder for the CSV/Markdown tables and plots (default: next to the checkpoint)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-class sample")
     return parser
@@ -3363,16 +3616,18 @@ def run_eval(args):
     check_numbers(args)
     if any(factor <= 0 for factor in args.resize):
         raise UserError(f"--resize takes factors above 0 (0.5 halves each side), got {args.resize}.")
-    model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
+    model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device, calibrated=not args.uncalibrated)
     items = collect_test_items(args.data, args.real_dir, args.max_per_class, args.seed, args.protocol)
-    threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold
+    threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold  # the papers' protocol
     out_dir = Path(args.out) if args.out else Path(args.ckpt).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "eval_" + (Path(args.data).resolve().name or "data")
     perturbations = {"jpeg": ("jpeg_quality", "quality"), "blur": ("blur_sigma", "sigma"), "resize": ("resize", "factor")}
     conditions = [("clean", None)] + [(kind, level) for kind in perturbations for level in getattr(args, perturbations[kind][0])]
     columns = ["generator"] + METRIC_COLUMNS
-    markdown = [f"# {args.data} with {args.ckpt} (threshold {threshold})\n"]
+    probabilities_are = describe_probabilities(model)
+    print(probabilities_are)
+    markdown = [f"# {args.data} with {args.ckpt} (threshold {threshold})\n", f"{probabilities_are}.\n"]
     if args.protocol:
         description = read_protocol(args.protocol).get("description")
         line = f"protocol {args.protocol}" + (f": {description}" if description else "")
@@ -3381,8 +3636,8 @@ def run_eval(args):
     csv_rows, mean_rows, written = [], {}, [f"{stem}.csv", f"{stem}.md"]
     for kind, level in conditions:
         options = {perturbations[kind][0]: level} if kind != "clean" else {}
-        rows, _, labels, probs = evaluate_items(model, items, args.batch_size, args.num_workers, threshold,
-                                                tencrop=args.tencrop, **options)
+        rows, _, labels, probs, logits = evaluate_items(model, items, args.batch_size, args.num_workers, threshold,
+                                                        tencrop=args.tencrop, **options)
         condition = "clean" if kind == "clean" else f"{kind} {perturbations[kind][1]} {level}"
         print(f"\n{args.data} [{condition}], threshold {threshold}:")
         print(format_table(columns, rows))
@@ -3398,13 +3653,19 @@ def run_eval(args):
         if set(labels.tolist()) == {0, 1}:
             plot_roc_pr(labels, probs, out_dir / f"{stem}_roc_pr.png")
             written.append(f"{stem}_roc_pr.png")
+        raw = probabilities_from_logits(logits)  # P(fake) at T = 1, whatever the model's temperature
+        calibrated = {f"calibrated P(fake), T = {model.temperature:.3g}": probs} if model.temperature != 1.0 else {}
+        plot_reliability(labels, {**calibrated, "raw P(fake), T = 1": raw}, out_dir / f"{stem}_reliability.png")
+        written.append(f"{stem}_reliability.png")
+        lines = calibration_lines(model, labels, probs, raw)
         if args.target_fpr is not None and not (labels == 0).any():
             print("note: --target-fpr needs real images; there are none here.")
         elif args.target_fpr is not None:
             t = threshold_for_fpr(probs[labels == 0], args.target_fpr)
-            recall = float((probs[labels == 1] >= t).mean()) if (labels == 1).any() else float("nan")
-            line = (f"threshold for a false-positive rate of {args.target_fpr:g} on these real images: {t:.4f} "
-                    f"(fake recall there: {recall:.4f})")
+            lines.append(f"threshold for a false-positive rate of {args.target_fpr:g} on these real images: {t:.4f} "
+                         f"(fake recall there: {rates_at(labels, probs, t)[1]:.4f})")
+        print()
+        for line in lines:
             print(line)
             markdown.append(f"\n{line}\n")
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
@@ -3422,6 +3683,22 @@ def run_eval(args):
     written.append("tie_block_importance.png")
     print(f"wrote in {out_dir}: " + ", ".join(written))
     return csv_rows
+
+
+def calibration_lines(model, labels, probs, raw_probs):
+    """eval's lines on the calibration, for the clean test images: the ECE of all of them pooled (and of the
+    raw P(fake)), and what the checkpoint's TARGET_FPR threshold, chosen on validation reals, does here."""
+    pooled = f"ECE of all {len(labels)} images pooled: {expected_calibration_error(labels, probs):.4f}"
+    if model.temperature != 1.0:
+        pooled += f" (raw P(fake), sigmoid(logit): {expected_calibration_error(labels, raw_probs):.4f})"
+    lines = [pooled]
+    stored = stored_threshold(model)
+    if stored is not None:
+        fpr, recall = rates_at(labels, probs, stored)
+        lines.append(f"stored threshold {stored:.4g} (TARGET_FPR {model.calibration['target_fpr']:g}, chosen on "
+                     f"validation reals): on these images it calls {fpr:.4f} of the reals fake (false-positive rate) "
+                     f"and finds {recall:.4f} of the fakes")
+    return lines
 
 
 def gather_images(inputs):
@@ -3452,22 +3729,28 @@ def run_predict(args):
         print(f"note: {count_of(others, 'file')} without an image extension in the folders were not scored", file=sys.stderr)
     if not files:
         raise UserError("No image files to score; pass image files or folders that contain some.")
-    model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device)
-    threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold
-    scores, unreadable = score_items(model, [(f, 0, "") for f in files], args.batch_size, args.num_workers, args.tencrop)
+    model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device, calibrated=not args.uncalibrated)
+    threshold, stored_note = decision_threshold(model, args.threshold)
+    scores, _, unreadable = score_items(model, [(f, 0, "") for f in files], args.batch_size, args.num_workers,
+                                        args.tencrop)
     results = []
     print(f"{'P(fake)':>8}  verdict  image")
     for path in files:
         if path in scores:
-            verdict = "fake" if scores[path] >= threshold else "real"
-            print(f"{scores[path]:8.4f}  {verdict:7}  {path}")
-            results.append([path, f"{scores[path]:.6f}", verdict])
+            p, verdict = scores[path], "fake" if scores[path] >= threshold else "real"
+            # A sharpening temperature gives P(fake) far below 0.0001, which a stored threshold can still split.
+            print(f"{p:8.4f}  {verdict:7}  {path}" if p >= 1e-4 or p == 0 else f"{p:8.1e}  {verdict:7}  {path}")
+            results.append([path, f"{p:.6g}", verdict])
         else:
             print(f"{'-':>8}  {'skipped':7}  {path} (not a readable image)")
             results.append([path, "", "unreadable"])
     n_fake = sum(1 for r in results if r[2] == "fake")
-    print(f"\n{len(scores)} images scored ({n_fake} fake, {len(scores) - n_fake} real at threshold {threshold}); "
+    shown = threshold if stored_note is None else f"{threshold:.4g}"  # as given or configured; a stored one rounded
+    print(f"\n{len(scores)} images scored ({n_fake} fake, {len(scores) - n_fake} real at threshold {shown}); "
           f"{len(set(unreadable))} unreadable skipped")
+    print(describe_probabilities(model))
+    if stored_note:
+        print(f"{stored_note}, chosen in training; --threshold overrides it")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:
@@ -3564,7 +3847,8 @@ def build_export_parser():
 
 
 def run_export(args):
-    """The export command: trainable weights to safetensors, config and metrics as JSON metadata (read_exported)."""
+    """The export command: trainable weights to safetensors, config, metrics and calibration as JSON metadata
+    (read_exported)."""
     from safetensors.torch import save
 
     checkpoint = read_checkpoint(args.ckpt)
@@ -3573,11 +3857,16 @@ def run_export(args):
         atomic_torch_save(state, args.out)
         print(f"wrote {args.out} in RINE's format ({len(state)} tensors, d'={checkpoint['config']['PROJ_DIM']}, "
               f"NPROJ={checkpoint['config']['NPROJ']})")
+        if "calibration" in checkpoint:
+            print(f"note: RINE's format holds the weights only; the temperature {checkpoint['calibration']['temperature']:.3g} "
+                  "fitted in training is not in it (P(fake) from the file is uncalibrated)")
         return 0
     tensors = {name: tensor.contiguous() for name, tensor in checkpoint["model"].items()}
     metadata = {"format": str(CHECKPOINT_FORMAT), "config": json.dumps(checkpoint["config"]),
                 "metrics": json.dumps(checkpoint.get("metrics", {})),
                 "backbone_folder": checkpoint.get("backbone_folder") or ""}
+    if "calibration" in checkpoint:
+        metadata["calibration"] = json.dumps(checkpoint["calibration"])
     atomic_write_bytes(save(tensors, metadata=metadata), args.out)
     print(f"wrote {args.out} ({len(tensors)} tensors, {Path(args.out).stat().st_size / 1e6:.1f} MB)")
     return 0
@@ -3620,8 +3909,9 @@ def run_demo(cfg):
     model = load_detector(best_path, device=cfg.DEVICE)
     test_dir = Path(cfg.DATA_DIR) / "test"
     if test_dir.is_dir():
-        rows, _, _, _ = evaluate_folder(model, test_dir, cfg.BATCH_SIZE, cfg.NUM_WORKERS)
+        rows = evaluate_folder(model, test_dir, cfg.BATCH_SIZE, cfg.NUM_WORKERS)[0]
         print(f"\ntest set {test_dir} ('transposed_conv' is a generator not seen in training):")
+        print(describe_probabilities(model))
         print(format_table(["generator"] + METRIC_COLUMNS, rows))
     print(f"\nDemo finished in {time.time() - started:.0f} s; checkpoint: {best_path}\n"
           "This was the pipeline on toy data, not a trained detector. Real training needs real and generated images\n"

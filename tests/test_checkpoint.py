@@ -83,7 +83,8 @@ def test_last_checkpoint_has_the_whole_history_and_best_follows_the_select_metri
 
 
 def reference_probabilities(checkpoint_path, paths):
-    """P(fake) computed here without load_detector/predict: rebuild, load weights, crop, normalise."""
+    """P(fake) computed here without load_detector/predict: rebuild, load weights, crop, normalise, then
+    sigmoid(logit / T) with the temperature the checkpoint stores (its calibration)."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     cfg = rps.default_config()
     for name, value in checkpoint["config"].items():
@@ -100,7 +101,7 @@ def reference_probabilities(checkpoint_path, paths):
         batch.append(((array[top:top + 224, left:left + 224] - mean) / std).transpose(2, 0, 1))
     with torch.no_grad():
         logits, _ = model(torch.tensor(np.stack(batch), dtype=torch.float32))
-    return torch.sigmoid(logits).numpy()
+    return torch.sigmoid(logits.double() / checkpoint["calibration"]["temperature"]).numpy()
 
 
 def test_round_trip_in_a_fresh_process_matches(run, tmp_path):
@@ -133,7 +134,7 @@ def test_round_trip_in_a_fresh_process_matches(run, tmp_path):
 
 def test_evaluate_folder_scores_match_predict(run):
     model = rps.load_detector(run["best"], device="cpu")
-    rows, items, labels, probs = rps.evaluate_folder(model, run["root"] / "data/test", batch_size=5, num_workers=0)
+    rows, items, labels, probs, _ = rps.evaluate_folder(model, run["root"] / "data/test", batch_size=5, num_workers=0)
     assert len(items) == len(run["test_images"]) == len(probs)
     by_path = dict(zip([str(i[0]) for i in items], probs))
     expected = rps.predict(model, run["test_images"])
@@ -163,7 +164,7 @@ def test_evaluate_folder_skips_unreadable_images(run, tmp_path):
     shutil.copytree(run["root"] / "data/test", copy)
     (copy / "nearest/1_fake/broken.png").write_bytes(b"\x89PNG truncated")
     model = rps.load_detector(run["best"], device="cpu")
-    _, items, labels, probs = rps.evaluate_folder(model, copy, batch_size=5, num_workers=0)
+    _, items, labels, probs, _ = rps.evaluate_folder(model, copy, batch_size=5, num_workers=0)
     assert len(items) == len(labels) == len(probs) == len(run["test_images"])
     assert not [i for i in items if i[0].endswith("broken.png")]
 

@@ -199,7 +199,7 @@ def test_eval_command_and_layouts_agree(demo, tmp_path):
 
     # In this process (another cwd, as a notebook would): the backbone folder is found beside the checkpoint.
     model = rps.load_detector(cwd / ckpt, device="cpu")
-    reference, _, labels, _ = rps.evaluate_folder(model, test_dir, batch_size=32, num_workers=0)
+    reference, _, labels, _, _ = rps.evaluate_folder(model, test_dir, batch_size=32, num_workers=0)
     columns = ["generator"] + rps.METRIC_COLUMNS
     for row in reference:
         for column, value in zip(columns[1:], row[1:]):

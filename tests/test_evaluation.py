@@ -74,8 +74,22 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def hand_ece(labels, scores, n_bins=15):
+    """ECE of P(fake) counted bin by bin: bin k holds k/15 <= P < (k+1)/15 (1.0 in the last one); each bin
+    adds its share of the images times |its fraction of fakes - its mean P(fake)|."""
+    total = 0.0
+    for k in range(n_bins):
+        members = [(label, s) for label, s in zip(labels, scores)
+                   if k / n_bins <= s < (k + 1) / n_bins or (k == n_bins - 1 and s == 1.0)]
+        if members:
+            fraction_fake = sum(label for label, _ in members) / len(members)
+            mean_p = sum(s for _, s in members) / len(members)
+            total += len(members) / len(labels) * abs(fraction_fake - mean_p)
+    return total
+
+
 def hand_metrics(labels, scores, threshold=THRESHOLD):
-    """The eval table's columns computed without rine_plus_ssca: counts, sklearn AP/AUC, accuracies counted."""
+    """The eval table's columns computed without rine_plus_ssca: counts, sklearn AP/AUC, accuracies and ECE counted."""
     labels, scores = np.asarray(labels, dtype=int), np.asarray(scores, dtype=np.float64)
     n = len(labels)
     n_fake = int(sum(1 for label in labels if label == 1))
@@ -95,6 +109,7 @@ def hand_metrics(labels, scores, threshold=THRESHOLD):
         "best_acc": best / n if both else math.nan,
         "ap": average_precision_score(labels, scores) if both else math.nan,
         "auc": roc_auc_score(labels, scores) if both else math.nan,
+        "ece": hand_ece(labels, scores),
         "skipped": 0,
     }
 
@@ -215,7 +230,7 @@ def test_eval_csv_matches_sklearn_and_counts_by_hand(model, benchmark, evaluated
     # The mean row is the mean of the generator rows as written.
     generator_rows = [row for row in rows if row["generator"] != MEAN]
     mean_row = [row for row in rows if row["generator"] == MEAN][0]
-    for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc"):
+    for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "ece"):
         average = np.mean([float(row[column]) for row in generator_rows])
         assert abs(float(mean_row[column]) - average) <= 2 * ROUNDED, column
     for column in ("n_real", "n_fake", "skipped"):
@@ -234,7 +249,7 @@ def test_eval_writes_markdown_and_roc_pr_plot(evaluated):
 
 
 def test_evaluate_folder_agrees_with_the_hand_computation_at_full_precision(model, benchmark):
-    rows, items, labels, probs = rps.evaluate_folder(model, benchmark["tree"], batch_size=5, num_workers=0)
+    rows, items, labels, probs, _ = rps.evaluate_folder(model, benchmark["tree"], batch_size=5, num_workers=0)
     generator_of = {path: g for path, _, g in benchmark["items"]}
     label_of = {path: label for path, label, _ in benchmark["items"]}
     assert sorted(item[0] for item in items) == sorted(generator_of)
@@ -370,8 +385,8 @@ def test_perturbations_are_applied_and_fixed(model, benchmark):
     assert np.array_equal(np.asarray(rps.FixedPerturbation()(image), dtype=np.int16), original)
     # Scores move when the test images are JPEG-compressed: the perturbation reaches the model.
     items = benchmark["items"]
-    clean, _ = rps.score_items(model, items, batch_size=16, num_workers=0)
-    jpeg, _ = rps.score_items(model, items, batch_size=16, num_workers=0, jpeg_quality=50)
+    clean, _, _ = rps.score_items(model, items, batch_size=16, num_workers=0)
+    jpeg, _, _ = rps.score_items(model, items, batch_size=16, num_workers=0, jpeg_quality=50)
     assert clean.keys() == jpeg.keys()
     assert max(abs(clean[p] - jpeg[p]) for p in clean) > 1e-4
 
@@ -383,7 +398,7 @@ def test_target_fpr_threshold(evaluated, model, benchmark):
                       r"\(fake recall there: (\d\.\d{4})\)", evaluated["result"].stdout)
     assert match, evaluated["result"].stdout[-3000:]
     printed, recall = float(match.group(1)), float(match.group(2))
-    _, items, labels, probs = rps.evaluate_folder(model, benchmark["tree"], batch_size=8, num_workers=0)
+    _, items, labels, probs, _ = rps.evaluate_folder(model, benchmark["tree"], batch_size=8, num_workers=0)
     reals, fakes = probs[labels == 0], probs[labels == 1]
     t = rps.threshold_for_fpr(reals, 0.1)
     assert abs(printed - t) <= ROUNDED
@@ -454,7 +469,7 @@ def write_own_images(folder):
     return readable, ["text.png", "empty.jpg", "truncated.jpg"]
 
 
-PREDICT_LINE = re.compile(r"^\s*(\d\.\d{4}|-)\s+(real|fake|skipped)\s+(\S+)(?: \(not a readable image\))?$")
+PREDICT_LINE = re.compile(r"^\s*(\d\.\d{4}|\d\.\de-\d+|-)\s+(real|fake|skipped)\s+(\S+)(?: \(not a readable image\))?$")
 
 
 def parse_predict_output(stdout):

@@ -402,7 +402,7 @@ def test_skipped_column_counts_unreadable_images(trained, tmp_path):
     (copy / "nearest/0_real/empty.png").write_bytes(b"")
     model = rps.load_detector(trained["best"], device="cpu")
     items = rps.collect_test_items(str(copy))
-    rows, kept, _, _ = rps.evaluate_items(model, items, batch_size=4, num_workers=0)
+    rows, kept, _, _, _ = rps.evaluate_items(model, items, batch_size=4, num_workers=0)
     skipped = {row[0]: row[1 + rps.METRIC_COLUMNS.index("skipped")] for row in rows}
     assert skipped == {"nearest": 2, "bilinear": 0, "mean (2 generators)": 2}
     assert len(kept) == len(items) - 2

@@ -163,7 +163,7 @@ def test_each_layout_gives_one_row_per_generator_with_its_reals(model, tmp_path,
     written = write_images(tmp_path, spec, seed=len(layout))
     score_of = scores_of(model, written)
     options = {key: (tmp_path / value if key == "real_dir" else value) for key, value in options.items()}
-    rows, items, labels, probs = rps.evaluate_folder(model, tmp_path / data, batch_size=8, num_workers=0, **options)
+    rows, items, labels, probs, _ = rps.evaluate_folder(model, tmp_path / data, batch_size=8, num_workers=0, **options)
 
     # Each row holds exactly the images of its folders, with the right labels.
     assert [row[0] for row in rows] == list(expected) + [f"mean ({len(expected)} generators)"]
@@ -180,7 +180,7 @@ def test_each_layout_gives_one_row_per_generator_with_its_reals(model, tmp_path,
     # The mean row averages the generator rows and sums their counts.
     mean = dict(zip(rps.METRIC_COLUMNS, rows[-1][1:]))
     generator_rows = [dict(zip(rps.METRIC_COLUMNS, row[1:])) for row in rows[:-1]]
-    for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc"):
+    for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "ece"):
         assert mean[column] == pytest.approx(np.mean([row[column] for row in generator_rows]), abs=1e-12), column
     assert mean["n_real"] == sum(row["n_real"] for row in generator_rows)
     assert mean["n_fake"] == sum(row["n_fake"] for row in generator_rows)
@@ -250,7 +250,7 @@ def test_one_class_rows_never_enter_the_mean(model, tmp_path):
     written = write_images(tmp_path / "test", {"biggan/0_real": (3, False), "biggan/1_fake": (3, True),
                                                "whichfaceisreal/1_fake": (4, True), "laion/0_real": (3, False)}, seed=3)
     score_of = scores_of(model, written)
-    rows, _, _, _ = rps.evaluate_folder(model, tmp_path / "test", batch_size=8, num_workers=0)
+    rows = rps.evaluate_folder(model, tmp_path / "test", batch_size=8, num_workers=0)[0]
     names = [row[0] for row in rows]
     assert names == ["biggan", "laion (reals only)", "whichfaceisreal (fakes only)", "mean (1 generator)"]
     biggan = expected_row(written["biggan/0_real"], written["biggan/1_fake"], score_of)

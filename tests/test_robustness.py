@@ -186,6 +186,7 @@ def test_killed_run_resumes_to_the_same_checkpoint(reference, tmp_path):
         assert_same_tensors(expected["model"], got["model"], f"resumed {name}")
         assert got["history"] == expected["history"], name
         assert got["epoch"] == expected["epoch"], name
+        assert got.get("calibration") == expected.get("calibration"), name  # best: fitted on the same logits
     assert [m["epoch"] for m in load(last)["history"]] == [1, 2]
 
 

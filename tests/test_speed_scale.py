@@ -284,9 +284,9 @@ def test_torchrun_on_cpu_trains_and_validates_like_one_process(torchrun_run):
     assert len(re.findall(r"epoch 1/1:\s+0%", result.stderr)) == 1, result.stderr[-3000:]
 
     best = root / "ckpt" / rps.BEST_NAME
-    model = rps.load_detector(best, device="cpu")
-    stored = load(best)["metrics"]
-    rows, items, labels, probs = rps.evaluate_folder(model, tree / "val", batch_size=8, num_workers=0)
+    model = rps.load_detector(best, device="cpu", calibrated=False)  # validation metrics are of the raw P(fake)
+    stored, calibration = load(best)["metrics"], load(best)["calibration"]
+    rows, items, labels, probs, logits = rps.evaluate_folder(model, tree / "val", batch_size=8, num_workers=0)
     expected = rps.binary_metrics(labels, probs, model.config["THRESHOLD"])
     n_files = len(list((tree / "val").rglob("*.png")))
     assert stored["n_real"] + stored["n_fake"] == n_files == len(labels)  # every image once, none twice
@@ -295,6 +295,9 @@ def test_torchrun_on_cpu_trains_and_validates_like_one_process(torchrun_run):
     mean_bce = float(np.mean(-np.where(labels == 1, np.log(np.clip(probs, 1e-7, 1 - 1e-7)),
                                        np.log(np.clip(1 - probs, 1e-7, 1 - 1e-7)))))
     assert stored["val_bce"] == pytest.approx(mean_bce, rel=1e-4)
+    # The temperature was fitted on the logits of both processes' shares, gathered.
+    assert calibration["n_images"] == n_files
+    assert calibration["temperature"] == pytest.approx(rps.fit_temperature(logits, labels)[0], rel=1e-4)
     assert rows[-1][0] == "mean (2 generators)" and rows[-1][1] == expected["n_real"] and rows[-1][2] == expected["n_fake"]
 
 

@@ -1,0 +1,388 @@
+"""Calibrated probabilities: the temperature fitted at the end of training, the ECE, the reliability diagram,
+and the threshold chosen for TARGET_FPR on validation reals.
+
+The temperature is checked against a direct minimisation of the NLL, the ECE against a hand computation,
+and a short training run against what its best checkpoint's validation logits give when recomputed
+here: the stored temperature, the ECE before and after, and the threshold's false-positive rate.
+"""
+
+import csv
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+
+import rine_plus_ssca as rps
+from conftest import small_config, write_demo_tree
+
+TARGET_FPR = 0.1
+# Validation holds a generator training never sees, so that not every validation image is called right
+# and the fitted temperature is an inner optimum, not a bound.
+LAYOUT = {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 10, "transposed_conv": 10},
+          "test": {"bilinear": 4, "transposed_conv": 4}}
+
+
+def nll(logits, labels, temperature):
+    """Mean binary NLL of sigmoid(logit / T), written out (log(1 + e^x) - y x with x = z / T)."""
+    x = np.asarray(logits, dtype=np.float64) / temperature
+    return float(np.mean(np.logaddexp(0.0, x) - np.asarray(labels) * x))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+# --------------------------------------------------------------------------- 1. fit_temperature
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fitted_temperature_is_the_direct_minimum_of_the_nll(seed):
+    # Overlapping classes (not separable), logits at several scales: too sharp, too flat, about right.
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 400)
+    logits = (rng.normal(0, 1, 400) + (2 * labels - 1) * 1.2) * [0.3, 1.0, 4.0, 12.0][seed]
+    temperature, at_bound = rps.fit_temperature(logits, labels)
+    assert not at_bound
+    # A dense grid over log T, then scipy's bounded minimiser started from the grid's best point.
+    grid = np.exp(np.linspace(math.log(0.05), math.log(20), 20001))
+    best = grid[np.argmin([nll(logits, labels, t) for t in grid])]
+    assert temperature == pytest.approx(best, rel=1e-3)
+    direct = minimize_scalar(lambda log_t: nll(logits, labels, math.exp(log_t)), method="bounded",
+                             bounds=(math.log(best) - 0.01, math.log(best) + 0.01), options={"xatol": 1e-12})
+    assert temperature == pytest.approx(math.exp(direct.x), rel=1e-6)
+    for nearby in (temperature * 0.999, temperature * 1.001):
+        assert nll(logits, labels, temperature) < nll(logits, labels, nearby)
+
+
+def test_a_separated_validation_set_puts_the_temperature_at_its_bound():
+    # Every logit on the right side of 0: the NLL keeps falling as T -> 0, so the fit stops at the lower bound.
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    logits = np.array([-3.0, -0.2, -1.0, 0.1, 2.0, 5.0])
+    low, high = rps.TEMPERATURE_BOUNDS
+    assert rps.fit_temperature(logits, labels) == (low, True)
+    assert nll(logits, labels, low) < nll(logits, labels, 2 * low) < nll(logits, labels, 1.0)
+    # Logits that say nothing (or the opposite of the truth): flattening always helps, the upper bound.
+    assert rps.fit_temperature(np.array([1.0, -1.0, 1.0, -1.0]), np.array([1, 1, 0, 0])) == (high, True)
+    assert rps.fit_temperature(-logits, labels) == (high, True)
+    # No information at all: any temperature gives the same P(fake); 1 is kept.
+    assert rps.fit_temperature(np.zeros(4), np.array([0, 1, 0, 1])) == (1.0, False)
+    assert "lower bound 0.05" in rps.temperature_bound_reason(low)
+    assert "upper bound 20" in rps.temperature_bound_reason(high)
+
+
+# --------------------------------------------------------------------------- 2. ECE
+
+def test_ece_matches_a_hand_computation():
+    labels = [0, 0, 1, 1, 1, 0, 1, 0]
+    probs = [0.02, 0.05, 0.5, 0.52, 0.9, 0.92, 0.95, 1.0]
+    # 15 bins of width 1/15: [0, 0.067) holds 0.02, 0.05 (no fakes, mean 0.035); [0.467, 0.533) holds
+    # 0.5, 0.52 (2 fakes of 2, mean 0.51); [0.867, 0.933) holds 0.9, 0.92 (1 of 2, mean 0.91);
+    # [0.933, 1] holds 0.95, 1.0 (1 of 2, mean 0.975).
+    by_hand = (2 * abs(0 - 0.035) + 2 * abs(1 - 0.51) + 2 * abs(0.5 - 0.91) + 2 * abs(0.5 - 0.975)) / 8
+    assert rps.expected_calibration_error(labels, probs) == pytest.approx(by_hand, abs=1e-12)
+    counts, mean_p, fraction_fake = rps.reliability_bins(labels, probs)
+    assert counts.tolist() == [2] + [0] * 6 + [2] + [0] * 5 + [2, 2]
+    assert mean_p[7] == pytest.approx(0.51) and fraction_fake[13] == 0.5 and np.isnan(mean_p[1])
+    # P(fake) itself is binned, not max(P, 1 - P): 0.1 and 0.9 are different bins.
+    assert rps.expected_calibration_error([1, 0], [0.1, 0.9]) == pytest.approx(0.9)
+    # One class only: the distance of the mean P(fake) from 1 (fakes) or 0 (reals); no images: NaN.
+    assert rps.expected_calibration_error([1, 1, 1], [0.2, 0.6, 0.97]) == pytest.approx(1 - (0.2 + 0.6 + 0.97) / 3)
+    assert rps.expected_calibration_error([0, 0], [0.3, 0.5]) == pytest.approx(0.4)
+    assert math.isnan(rps.expected_calibration_error([], []))
+
+
+def test_the_ece_column_sits_between_auc_and_skipped():
+    assert rps.METRIC_COLUMNS.index("ece") == rps.METRIC_COLUMNS.index("auc") + 1
+    assert rps.METRIC_COLUMNS.index("skipped") == rps.METRIC_COLUMNS.index("ece") + 1
+    metrics = rps.binary_metrics([0, 1, 1], [0.1, 0.8, 1.0])
+    assert metrics["ece"] == pytest.approx((0.1 + 0.2 + 0) / 3)
+
+
+def test_probabilities_from_logits_do_not_saturate_when_sharpened():
+    logits = torch.tensor([30.0, -30.0, 0.5])
+    probs = rps.probabilities_from_logits(logits, 0.5)  # logit / T = +-60: float32 would say exactly 1 and 0
+    assert probs.dtype == torch.float64 and 0 < probs[1] < 1e-25
+    np.testing.assert_allclose(probs.numpy(), sigmoid(logits.numpy() / 0.5), rtol=1e-12)
+    crops = np.array([[0.0, 2.0], [-1.0, 3.0]])  # ten-crop logits: the mean of the crops' P(fake)
+    np.testing.assert_allclose(rps.probabilities_from_logits(crops, 2.0), sigmoid(crops / 2.0).mean(axis=1))
+
+
+# --------------------------------------------------------------------------- 3. a short training run
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_backbone):
+    """Two epochs with TARGET_FPR set; the validation logits of the best checkpoint recomputed here."""
+    root = tmp_path_factory.mktemp("calibration_run")
+    write_demo_tree(root / "data", LAYOUT, seed=4)
+    cfg = small_config(tiny_backbone, DATA_DIR=str(root / "data"), CHECKPOINT_DIR=str(root / "checkpoints"),
+                       EPOCHS=2, TARGET_FPR=TARGET_FPR)
+    best = Path(rps.train(cfg))
+    # The validation images as training scored them: the same loader (order and batches) on the loaded model.
+    raw_model = rps.load_detector(best, device="cpu", calibrated=False)
+    _, val_items = rps.prepare_splits(cfg)
+    loader = rps.make_loader(val_items, cfg, train=False, device=torch.device("cpu"))
+    _, labels, raw_probs, logits, _, _ = rps.score_loader(raw_model, loader, torch.device("cpu"), None)
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    return dict(root=root, cfg=cfg, best=best, checkpoint=checkpoint, calibration=checkpoint["calibration"],
+                labels=labels.astype(int), logits=logits, raw_probs=raw_probs,
+                test_images=sorted(str(p) for p in (root / "data/test").rglob("*.png")))
+
+
+def test_best_checkpoint_stores_the_temperature_fitted_on_its_validation_logits(run):
+    calibration, labels, logits = run["calibration"], run["labels"], run["logits"]
+    assert set(calibration) == {"temperature", "n_images", "at_bound", "separated", "val_ece_raw", "val_ece_calibrated",
+                                "target_fpr", "fpr_threshold", "fpr_threshold_raw", "val_fpr", "val_fake_recall"}
+    assert calibration["n_images"] == len(labels) == 40
+    temperature, at_bound = rps.fit_temperature(logits, labels)
+    assert calibration["temperature"] == pytest.approx(temperature, rel=1e-6)
+    assert calibration["at_bound"] is at_bound is False and calibration["temperature"] != 1.0
+    assert calibration["separated"] is False
+    # The ECE before and after, recomputed from the logits; calibrating did not make it worse.
+    raw_ece = rps.expected_calibration_error(labels, sigmoid(logits))
+    calibrated_ece = rps.expected_calibration_error(labels, sigmoid(logits / temperature))
+    assert calibration["val_ece_raw"] == pytest.approx(raw_ece, abs=1e-6)
+    assert calibration["val_ece_calibrated"] == pytest.approx(calibrated_ece, abs=1e-6)
+    assert calibration["val_ece_calibrated"] <= calibration["val_ece_raw"]
+    # The validation metrics (history, checkpoint metrics) are those of the raw P(fake), ECE included.
+    assert run["checkpoint"]["metrics"]["ece"] == pytest.approx(raw_ece, abs=1e-6)
+    # The last checkpoint holds no calibration of its own; its resume state keeps the best one's.
+    last = torch.load(run["best"].with_name(rps.LAST_NAME), map_location="cpu", weights_only=True)
+    assert "calibration" not in last and last["resume"]["best_calibration"] == calibration
+
+
+def test_the_stored_threshold_keeps_the_false_positive_rate_on_validation_reals(run):
+    calibration, labels, logits = run["calibration"], run["labels"], run["logits"]
+    assert calibration["target_fpr"] == TARGET_FPR
+    reals, fakes = labels == 0, labels == 1
+    calibrated = rps.probabilities_from_logits(logits, calibration["temperature"])
+    for probs, threshold in ((calibrated, calibration["fpr_threshold"]), (run["raw_probs"], calibration["fpr_threshold_raw"])):
+        called_fake = probs >= threshold
+        assert called_fake[reals].mean() <= TARGET_FPR
+        # The lowest such threshold: the real just below it would push the rate above TARGET_FPR.
+        below = probs[reals][probs[reals] < threshold]
+        assert (probs[reals] >= below.max()).mean() > TARGET_FPR
+    assert calibration["val_fpr"] == pytest.approx((calibrated[reals] >= calibration["fpr_threshold"]).mean())
+    assert calibration["val_fake_recall"] == pytest.approx((calibrated[fakes] >= calibration["fpr_threshold"]).mean())
+
+
+def test_training_prints_the_calibration(run, capsys):
+    rps.print_calibration(run["calibration"])
+    out = capsys.readouterr().out
+    t, n = run["calibration"]["temperature"], run["calibration"]["n_images"]
+    assert f"calibration: temperature {t:.3g} fitted on {n} validation images; validation ECE " in out
+    assert f"calibration: threshold {run['calibration']['fpr_threshold']:.4g} " in out and "(TARGET_FPR 0.1)" in out
+
+
+def test_a_separated_validation_set_keeps_the_temperature_at_one(capsys):
+    """Every validation image right at 0.5: the fit would sharpen without end, so T stays 1 and training says why."""
+    calibration = rps.calibration_record([0, 0, 1, 1], [-2.0, -1.0, 1.0, 3.0])
+    assert rps.fit_temperature([-2.0, -1.0, 1.0, 3.0], [0, 0, 1, 1]) == (rps.TEMPERATURE_BOUNDS[0], True)
+    assert calibration["separated"] and calibration["temperature"] == 1.0 and not calibration["at_bound"]
+    assert calibration["val_ece_calibrated"] == calibration["val_ece_raw"]
+    assert calibration["fpr_threshold"] is None and calibration["target_fpr"] is None
+    rps.print_calibration(calibration)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("calibration: all 4 validation images are on the right side")
+    assert "the temperature stays 1" in lines[0]
+
+
+def test_a_temperature_at_its_bound_is_explained_in_training(capsys):
+    # Not separated (one image on the wrong side), but the logits are so small that the best T is about
+    # 0.0046 (9 sigmoid(-x) = sigmoid(x) at x = 0.01 / T, so x = log 9): below the bound 0.05.
+    labels, logits = [1] * 9 + [0], [0.01] * 9 + [0.01]
+    calibration = rps.calibration_record(labels, logits)
+    assert not calibration["separated"]
+    assert calibration["temperature"] == rps.TEMPERATURE_BOUNDS[0] and calibration["at_bound"]
+    rps.print_calibration(calibration)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("warning: calibration: the temperature stopped at its lower bound 0.05")
+
+
+def test_the_demo_checkpoint_is_no_worse_calibrated_on_validation_than_raw(demo):
+    """The issue's check on the demo itself: its validation ECE after calibration is lower, or equal when the
+    temperature stays 1, and what the checkpoint stores matches its validation images scored again here."""
+    cwd, result = demo
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = cwd / "checkpoints/demo" / rps.BEST_NAME
+    calibration = torch.load(best, map_location="cpu", weights_only=True)["calibration"]
+    assert calibration["val_ece_calibrated"] <= calibration["val_ece_raw"]
+    model = rps.load_detector(best, device="cpu", calibrated=False)
+    cfg = SimpleNamespace(**dict(model.config, NUM_WORKERS=0))
+    items = rps.collect_test_items(cwd / "data/demo/val")
+    loader = rps.make_loader(items, cfg, train=False, device=torch.device("cpu"))
+    _, labels, _, logits, _, _ = rps.score_loader(model, loader, torch.device("cpu"), None)
+    expected = rps.calibration_record(labels, logits)
+    assert calibration["n_images"] == len(labels) == len(items)
+    assert calibration["separated"] == expected["separated"]
+    assert calibration["temperature"] == pytest.approx(expected["temperature"], rel=1e-6)
+    assert calibration["val_ece_raw"] == pytest.approx(expected["val_ece_raw"], abs=1e-6)
+    assert "calibration: " in result.stdout
+
+
+# --------------------------------------------------------------------------- 4. predict
+
+def raw_logits(model, paths):
+    """The model's logits for these images, from its forward on the test crop (no predict involved)."""
+    transform = rps.build_transform(SimpleNamespace(**model.config), train=False)
+    pixels = rps.normalise_uint8(torch.stack([transform(rps.open_image(p)) for p in paths]))
+    with torch.no_grad():
+        logits, _ = model(pixels)
+    return logits.double().numpy()
+
+
+def predict_command(run, capsys, *extra, out=None):
+    """`predict` in this process: (stdout, {path: (P(fake) in the CSV, verdict)})."""
+    out = out or run["root"] / "predict.csv"
+    code = rps.main(["predict", *run["test_images"], "--ckpt", str(run["best"]), "--num-workers", "0", "--device", "cpu",
+                     "--out", str(out), *map(str, extra)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    return stdout, {row["path"]: (float(row["p_fake"]), row["verdict"]) for row in csv.DictReader(open(out))}
+
+
+def test_predict_gives_the_calibrated_p_and_uncalibrated_the_raw_one(run, capsys):
+    model = rps.load_detector(run["best"], device="cpu")
+    paths, t = run["test_images"], run["calibration"]["temperature"]
+    assert model.temperature == t and model.calibration == run["calibration"]
+    logits = raw_logits(model, paths)
+    np.testing.assert_allclose(rps.predict(model, paths), sigmoid(logits / t), rtol=1e-5, atol=1e-7)
+    raw = rps.load_detector(run["best"], device="cpu", calibrated=False)
+    assert raw.temperature == 1.0
+    np.testing.assert_allclose(rps.predict(raw, paths), sigmoid(logits), rtol=1e-5, atol=1e-7)
+    assert np.abs(sigmoid(logits / t) - sigmoid(logits)).max() > 1e-3  # the two differ: the check means something
+
+    stdout, rows = predict_command(run, capsys)
+    np.testing.assert_allclose([rows[p][0] for p in paths], sigmoid(logits / t), atol=1e-6)
+    assert "P(fake) is calibrated, sigmoid(logit / T) with the temperature T = " in stdout
+    stdout, rows = predict_command(run, capsys, "--uncalibrated")
+    np.testing.assert_allclose([rows[p][0] for p in paths], sigmoid(logits), atol=1e-6)
+    assert "P(fake) is raw, sigmoid(logit), not calibrated" in stdout
+
+
+def test_predict_uses_the_stored_threshold_unless_given_one(run, capsys):
+    calibration = run["calibration"]
+    for extra, threshold, key in (([], calibration["fpr_threshold"], "fpr_threshold"),
+                                  (["--uncalibrated"], calibration["fpr_threshold_raw"], "fpr_threshold_raw")):
+        stdout, rows = predict_command(run, capsys, *extra)
+        assert all(verdict == ("fake" if p >= threshold else "real") for p, verdict in rows.values()), (key, rows)
+        n_fake = sum(verdict == "fake" for _, verdict in rows.values())
+        assert f"({n_fake} fake, {len(rows) - n_fake} real at threshold {threshold:.4g})" in stdout
+        assert (f"threshold {threshold:.4g}: at most 10% of validation reals called fake (TARGET_FPR 0.1), chosen in "
+                "training; --threshold overrides it") in stdout
+    # An explicit --threshold wins, and nothing is said about the stored one.
+    probs = np.array([p for p, _ in rows.values()])
+    given = float(np.median(probs))
+    stdout, rows = predict_command(run, capsys, "--threshold", given)
+    assert [verdict for _, verdict in rows.values()] == ["fake" if p >= given else "real" for p, _ in rows.values()]
+    assert f"real at threshold {given})" in stdout and "TARGET_FPR" not in stdout
+    # In Python the same choice: decision_threshold.
+    model = rps.load_detector(run["best"], device="cpu")
+    assert rps.decision_threshold(model)[0] == calibration["fpr_threshold"]
+    assert rps.decision_threshold(model, 0.3) == (0.3, None)
+    model.temperature = 2.5  # a temperature set by hand matches neither stored threshold
+    assert rps.decision_threshold(model) == (model.config["THRESHOLD"], None)
+
+
+# --------------------------------------------------------------------------- 5. eval
+
+def test_eval_reports_ece_per_generator_the_stored_threshold_and_draws_the_reliability_diagram(run, capsys):
+    out = run["root"] / "eval"
+    args = ["eval", "--ckpt", str(run["best"]), "--data", str(run["root"] / "data/test"), "--num-workers", "0",
+            "--device", "cpu", "--out", str(out)]
+    assert rps.main(args) == 0
+    stdout = capsys.readouterr().out
+    model = rps.load_detector(run["best"], device="cpu")
+    paths = run["test_images"]
+    probs = dict(zip(paths, rps.predict(model, paths)))
+    rows = {row["generator"]: row for row in csv.DictReader(open(out / "eval_test.csv"))}
+    for generator in ("bilinear", "transposed_conv"):
+        chosen = [p for p in paths if f"/{generator}/" in p]
+        labels = [int("/1_fake/" in p) for p in chosen]
+        expected = rps.expected_calibration_error(labels, [probs[p] for p in chosen])
+        assert abs(float(rows[generator]["ece"]) - expected) <= 5e-5 + 1e-6, generator
+    assert stdout.count("P(fake) is calibrated, sigmoid(logit / T) with the temperature T = ") == 1
+    png = out / "eval_test_reliability.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "eval_test_reliability.png" in [line for line in stdout.splitlines() if line.startswith("wrote in")][0]
+    # The stored threshold on these test images: its false-positive rate and fake recall, as computed here.
+    labels = np.array([int("/1_fake/" in p) for p in paths])
+    scores = np.array([probs[p] for p in paths])
+    threshold = run["calibration"]["fpr_threshold"]
+    match = re.search(r"stored threshold (\S+) \(TARGET_FPR 0\.1, chosen on validation reals\): on these images it "
+                      r"calls (\d\.\d{4}) of the reals fake \(false-positive rate\) and finds (\d\.\d{4}) of the fakes", stdout)
+    assert match, stdout[-3000:]
+    assert float(match.group(1)) == pytest.approx(threshold, rel=5e-4)
+    assert float(match.group(2)) == pytest.approx((scores[labels == 0] >= threshold).mean(), abs=5e-5)
+    assert float(match.group(3)) == pytest.approx((scores[labels == 1] >= threshold).mean(), abs=5e-5)
+    # The pooled ECE, of the calibrated and of the raw P(fake).
+    raw_scores = rps.predict(rps.load_detector(run["best"], device="cpu", calibrated=False), paths)
+    match = re.search(r"ECE of all (\d+) images pooled: (\d\.\d{4}) \(raw P\(fake\), sigmoid\(logit\): (\d\.\d{4})\)", stdout)
+    assert match and int(match.group(1)) == len(paths)
+    assert float(match.group(2)) == pytest.approx(rps.expected_calibration_error(labels, scores), abs=5e-5)
+    assert float(match.group(3)) == pytest.approx(rps.expected_calibration_error(labels, raw_scores), abs=5e-5)
+    # The tables keep the papers' threshold (0.5), not the stored one.
+    assert "data/test [clean], threshold 0.5:" in stdout.replace(str(run["root"]) + "/", "")
+
+
+def test_eval_uncalibrated_reports_the_raw_p(run, capsys):
+    out = run["root"] / "eval_raw"
+    assert rps.main(["eval", "--ckpt", str(run["best"]), "--data", str(run["root"] / "data/test"), "--num-workers", "0",
+                     "--device", "cpu", "--out", str(out), "--uncalibrated"]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count("P(fake) is raw, sigmoid(logit), not calibrated") == 1
+    paths = run["test_images"]
+    raw = dict(zip(paths, rps.predict(rps.load_detector(run["best"], device="cpu", calibrated=False), paths)))
+    rows = {row["generator"]: row for row in csv.DictReader(open(out / "eval_test.csv"))}
+    chosen = [p for p in paths if "/transposed_conv/" in p]
+    expected = rps.expected_calibration_error([int("/1_fake/" in p) for p in chosen], [raw[p] for p in chosen])
+    assert abs(float(rows["transposed_conv"]["ece"]) - expected) <= 5e-5 + 1e-6
+    threshold = run["calibration"]["fpr_threshold_raw"]  # the stored threshold's twin on the raw scale
+    assert f"stored threshold {threshold:.4g} (TARGET_FPR 0.1" in stdout
+    assert (out / "eval_test_reliability.png").is_file()
+
+
+# --------------------------------------------------------------------------- 6. checkpoints with and without
+
+def test_a_checkpoint_without_calibration_loads_with_temperature_one(run, tmp_path, capsys):
+    old = dict(run["checkpoint"])
+    del old["calibration"]
+    path = tmp_path / "old.pth"
+    rps.atomic_torch_save(old, path)
+    model = rps.load_detector(path, device="cpu")
+    assert model.temperature == 1.0 and model.calibration is None
+    paths = run["test_images"][:3]
+    np.testing.assert_allclose(rps.predict(model, paths), sigmoid(raw_logits(model, paths)), rtol=1e-5, atol=1e-7)
+    assert rps.decision_threshold(model) == (model.config["THRESHOLD"], None)
+    code = rps.main(["predict", *paths, "--ckpt", str(path), "--num-workers", "0", "--device", "cpu"])
+    stdout = capsys.readouterr().out
+    assert code == 0 and stdout.count("uncalibrated") == 1 and "TARGET_FPR" not in stdout
+    assert "P(fake) is uncalibrated, sigmoid(logit): the checkpoint stores no temperature" in stdout
+
+
+def test_export_carries_the_calibration(run, tmp_path, capsys):
+    out = tmp_path / "detector.safetensors"
+    assert rps.main(["export", "--ckpt", str(run["best"]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    model = rps.load_detector(out, device="cpu")
+    assert model.calibration == run["calibration"] and model.temperature == run["calibration"]["temperature"]
+    paths = run["test_images"][:3]
+    np.testing.assert_array_equal(rps.predict(model, paths), rps.predict(rps.load_detector(run["best"], device="cpu"), paths))
+
+
+def test_the_temperature_is_no_parameter_or_buffer(make_cfg):
+    for spectral in (True, False):
+        model = rps.RINEPlusSSCA(make_cfg(USE_SPECTRAL=spectral))
+        assert model.temperature == 1.0 and model.calibration is None
+        assert not [k for k in model.state_dict() if "temperature" in k or "calibration" in k]
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "1.5"])
+def test_target_fpr_outside_0_1_is_one_line_error(value, capsys):
+    assert rps.main(["--target-fpr", value, "--data-dir", "nowhere"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: TARGET_FPR={float(value)} must be at least 0 and below 1")
