@@ -1920,10 +1920,11 @@ def calibration_record(labels, logits, target_fpr=0.0):
     temperature (fit_temperature, with at_bound), n_images, the validation ECE at T = 1 and at the
     temperature, and separated: True when every validation image is on the right side of 0.5. Then the
     NLL falls all the way to T -> 0 (every P(fake) 0 or 1): such a set cannot say how sure to be, so the
-    temperature stays 1 rather than taking the bound's arbitrary sharpening. With target_fpr > 0 also fpr_threshold, the lowest threshold calling at most that
-    share of the validation reals fake on the calibrated P(fake), its twin fpr_threshold_raw on the raw
-    P(fake) (each chosen on the values predict computes, so the bound holds exactly there), and what
-    fpr_threshold gives on the validation images (val_fpr, val_fake_recall); None when target_fpr is 0.
+    temperature stays 1 rather than taking the bound's arbitrary sharpening. With target_fpr > 0 also
+    fpr_threshold, the lowest threshold calling at most that share of the validation reals fake on the
+    calibrated P(fake), its twin fpr_threshold_raw on the raw P(fake) (each chosen on the values predict
+    computes, so the bound holds exactly there), and what fpr_threshold gives on the validation images
+    (val_fpr, val_fake_recall); None when target_fpr is 0.
     """
     labels, logits = np.asarray(labels).astype(int), np.asarray(logits, dtype=np.float64)
     temperature, at_bound = fit_temperature(logits, labels)
