@@ -16,6 +16,8 @@ It writes gpu_check.md and gpu_check.json (to --out) with:
                  1/8, catching OOM)
   data_loading   training views/s of the DataLoader with 2, 4 and 8 workers, for 256 px PNGs and
                  1024 px JPEGs, and whether its batches arrive pinned
+  heatmaps       seconds per image of `explain` (predict --explain): spectral tokens (the default
+                 model) and mirror-tiled windows (USE_SPECTRAL=False), with their peak memory
   end_to_end     a training run through the command line on generated data, in a subprocess with
                  a time limit: it must write its checkpoint and exit by itself
 On the CPU the memory caps are skipped (they are CUDA's).
@@ -49,11 +51,11 @@ SCRIPT = Path(rps.__file__).resolve()
 FULL = SimpleNamespace(arch="vitl", batch_size=128, images=256, repeats=2, head={}, compile_backend="inductor",
                        memory_caps_gb=(24, 16),
                        batch_limit=4096, worker_counts=(2, 4, 8), loader_images=512, loader_batch=32, distinct_images=8,
-                       run_images=(32, 16), run_batch=8, run_timeout=240)
+                       run_images=(32, 16), run_batch=8, run_timeout=240, heatmap_images=8)
 QUICK = SimpleNamespace(arch="tiny", batch_size=4, images=8, repeats=1,
                         head=dict(PROJ_DIM=32, SPEC_CHANNELS=16, FUSION_DIM=32, FUSION_HEADS=4), compile_backend="aot_eager",
                         memory_caps_gb=(24, 16), batch_limit=64, worker_counts=(2,), loader_images=16, loader_batch=8,
-                        distinct_images=2, run_images=(8, 4), run_batch=4, run_timeout=180)
+                        distinct_images=2, run_images=(8, 4), run_batch=4, run_timeout=180, heatmap_images=2)
 
 
 def machine_description(device):
@@ -106,6 +108,35 @@ def measure_throughput(settings, device, work):
     print(f"train, compiled {results['compiled']['train']:.2f} images/s", flush=True)
     del model, loader
     release_memory(device)
+    return results
+
+
+# ----------------------------------------------------------------------------- heatmaps
+
+
+def measure_heatmaps(settings, device, work):
+    """Seconds per image of explain() for both methods, after one warm-up image, and the peak memory."""
+    images = [Image.fromarray(rps.make_demo_image(np.random.default_rng(i), i % 2 == 1)) for i in range(settings.heatmap_images)]
+    results = {}
+    for method, spectral in (("spectral tokens", True), ("windows", False)):
+        cfg = base_config(settings, work, device)
+        cfg.USE_SPECTRAL = spectral
+        model = rps.build_model(cfg, device).eval()
+        rps.explain(model, images[:1])  # warm-up: kernels chosen, memory allocated
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        explanations = rps.explain(model, images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - started) / len(images)
+        assert explanations[0].method == method
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        results[method] = dict(seconds_per_image=seconds, peak_memory_gb=peak)
+        print(f"heatmaps, {method}: {seconds:.3f} s/image", flush=True)
+        del model
+        release_memory(device)
     return results
 
 
@@ -326,6 +357,11 @@ def markdown_report(report):
         lines.append(f"| {name.replace('_', ' ')} px | " + " | ".join(cells) + " |")
     pinned = all(row["pinned"] for rows in loading.values() for row in rows.values())
     lines += ["", f"Batches arrive pinned: {'yes' if pinned else 'no'}" + ("" if machine["gpu"] else " (pinning is for GPUs)") + "."]
+    lines += ["", f"## Heatmaps (`predict --explain`, {settings['heatmap_images']} images of 256 px)", "",
+              "| method | s/image | peak memory (GB) |", "|---|---|---|"]
+    for method, row in report["heatmaps"].items():
+        peak = "-" if row["peak_memory_gb"] is None else _number(row["peak_memory_gb"], 2)
+        lines.append(f"| {method} | {_number(row['seconds_per_image'], 3)} | {peak} |")
     run = report["end_to_end"]
     lines += ["", "## End-to-end training run", "", f"`{run['command']}`", "",
               f"Exit code {run['exit_code']} after {run['seconds']:.0f} s; exited by itself: "
@@ -355,7 +391,8 @@ def main():
         throughput.make_backbone(settings.arch, work / "backbone")
         report["section_seconds"] = {"backbone": time.perf_counter() - started}
         for name, check in (("throughput", measure_throughput), ("memory", measure_memory),
-                            ("data_loading", measure_data_loading), ("end_to_end", run_end_to_end)):
+                            ("data_loading", measure_data_loading), ("heatmaps", measure_heatmaps),
+                            ("end_to_end", run_end_to_end)):
             section_started = time.perf_counter()
             report[name] = check(settings, device, work)
             report["section_seconds"][name] = time.perf_counter() - section_started

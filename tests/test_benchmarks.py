@@ -96,7 +96,7 @@ def test_gpu_check_quick_on_the_cpu_writes_both_reports_with_every_section(tmp_p
     result, scratch = run_benchmark("gpu_check.py", ["--device", "cpu", "--quick", "--out", str(tmp_path / "out")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert set(report) >= {"machine", "settings", "throughput", "memory", "data_loading", "end_to_end", "seconds"}
+    assert set(report) >= {"machine", "settings", "throughput", "memory", "data_loading", "heatmaps", "end_to_end", "seconds"}
     assert report["machine"]["torch"] == torch.__version__ and report["machine"]["gpu"] is None
     for precision in ("bf16", "fp16"):
         row = report["throughput"][precision]
@@ -111,8 +111,11 @@ def test_gpu_check_quick_on_the_cpu_writes_both_reports_with_every_section(tmp_p
     assert run["checkpoint_written"], run
     assert run["exited_by_itself"] and run["exit_code"] == 0, run  # a run that hangs at exit fails here
     markdown = (tmp_path / "out" / "gpu_check.md").read_text()
-    for heading in ("## Throughput", "## Memory of a training step", "## Data loading", "## End-to-end training run"):
+    for heading in ("## Throughput", "## Memory of a training step", "## Data loading", "## Heatmaps", "## End-to-end training run"):
         assert heading in markdown
+    for method in ("spectral tokens", "windows"):
+        assert report["heatmaps"][method]["seconds_per_image"] > 0
+        assert re.search(rf"\| {method} \| [\d.]+ \| - \|", markdown), method
     assert re.search(r"\| fp16 \+ GradScaler \| [\d.]+ \| [\d.]+ \|", markdown)
     assert re.search(r"\| jpeg 1024 px \| [\d.]+", markdown)
     assert list(scratch.iterdir()) == []
