@@ -3730,6 +3730,8 @@ def run_predict(args):
         print(f"note: {count_of(others, 'file')} without an image extension in the folders were not scored", file=sys.stderr)
     if not files:
         raise UserError("No image files to score; pass image files or folders that contain some.")
+    if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
+        raise UserError(f"--explain takes a folder for the pictures, but {args.explain} is a file; name a folder.")
     model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device, calibrated=not args.uncalibrated)
     threshold, stored_note = decision_threshold(model, args.threshold)
     scores, _, unreadable = score_items(model, [(f, 0, "") for f in files], args.batch_size, args.num_workers,
@@ -3761,6 +3763,8 @@ def run_predict(args):
         written = write_explanations(model, [path for path in files if path in scores], args.explain, threshold,
                                      args.batch_size)
         print(f"wrote {count_of(len(written), 'heatmap')} in {args.explain}" + (" (unreadable images have none)" if unreadable else ""))
+        if args.tencrop:
+            print("note: a heatmap covers the centre crop, and the P(fake) in its title is that crop's, not the ten-crop mean")
     return results
 
 

@@ -157,21 +157,21 @@ def main(argv=None):
     images = spliced_images(args.n, args.generator, args.seed)
     print(f"{args.n} demo photos, each with a {images[0][1][2]} px square from a '{args.generator}' fake "
           f"(1/9 of the crop); a random point hits 11%. Checkpoint {args.ckpt}.\n")
-    print(f"{'method':<52} {'hits':>5}  {'ms/image':>8}")
+    print(f"{'method':<56} {'hits':>5}  {'ms/image':>8}")
     for name in args.methods.split(","):
         if name in SPECTRAL_ONLY and not model.use_spectral:
-            print(f"{name:<52} {'n/a':>5}  (needs the spectral branch)")
+            print(f"{name:<56} {'n/a':>5}  (needs the spectral branch)")
             continue
         rate, seconds = hit_rate(model, METHODS[name], images)
-        print(f"{name:<52} {rate:5.2f}  {1000 * seconds:8.0f}", flush=True)
+        print(f"{name:<56} {rate:5.2f}  {1000 * seconds:8.0f}", flush=True)
 
     chosen = "spectral tokens" if model.use_spectral else "windows"
     untrained = rps.build_model(untrained_config(model, args.ckpt), torch.device("cpu")).eval()
     rate, seconds = hit_rate(untrained, METHODS[chosen], images)
-    print(f"{'control: ' + chosen + ', untrained head':<52} {rate:5.2f}  {1000 * seconds:8.0f}")
+    print(f"{'control: ' + chosen + ', untrained head':<56} {rate:5.2f}  {1000 * seconds:8.0f}")
     for generator in ["real"] + [g for g in rps.DEMO_LAYOUT["test"] if g != args.generator]:
         rate, seconds = hit_rate(model, METHODS[chosen], spliced_images(args.n, generator, args.seed + 1))
-        print(f"{'control: ' + chosen + ', square from ' + generator:<52} {rate:5.2f}  {1000 * seconds:8.0f}")
+        print(f"{'control: ' + chosen + ', square from ' + generator:<56} {rate:5.2f}  {1000 * seconds:8.0f}")
 
 
 def untrained_config(model, checkpoint_path):

@@ -150,6 +150,14 @@ def test_eval_only_numbers_are_checked(tmp_path, capsys):
         one_line_error(code, err, option)
 
 
+def test_explain_into_a_file_is_a_one_line_error_before_any_work(trained, tmp_path, capsys):
+    (tmp_path / "heatmaps.png").write_bytes(b"not a folder")
+    code, out, err = main(["predict", "--ckpt", trained["best"], trained["image"], "--explain", tmp_path / "heatmaps.png",
+                           "--device", "cpu", "--num-workers", "0"], capsys)
+    one_line_error(code, err, "--explain takes a folder", "heatmaps.png")
+    assert "P(fake)" not in out  # refused before scoring anything
+
+
 # --------------------------------------------------------------------------- 6. --resume with nothing there
 
 def test_resume_without_a_last_checkpoint_names_training_options(tmp_path, tiny_backbone, capsys):
