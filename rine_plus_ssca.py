@@ -3749,7 +3749,7 @@ def run_predict(args):
             results.append([path, "", "unreadable"])
     n_fake = sum(1 for r in results if r[2] == "fake")
     shown = threshold if stored_note is None else f"{threshold:.4g}"  # as given or configured; a stored one rounded
-    print(f"\n{len(scores)} images scored ({n_fake} fake, {len(scores) - n_fake} real at threshold {shown}); "
+    print(f"\n{count_of(len(scores), 'image')} scored ({n_fake} fake, {len(scores) - n_fake} real at threshold {shown}); "
           f"{len(set(unreadable))} unreadable skipped")
     print(describe_probabilities(model))
     if stored_note:
