@@ -1730,11 +1730,12 @@ def make_demo_image(rng, fake, method="bilinear", size=256):
 
 
 def make_spliced_demo_image(rng, generator="bilinear", size=256, crop_size=CROP_SIZE):
-    """A demo 'photo' with a square cut from a demo fake pasted at a random place inside its centre crop, a third
-    of the crop's side (1/9 of its area): what the heatmaps must find (tests, benchmarks/localisation.py).
+    """A demo 'photo' with a square cut from a demo fake of `generator` (None: from another photo, nothing to
+    find) pasted at a random place inside its centre crop, a third of the crop's side (1/9 of its area): what
+    the heatmaps must find (tests, benchmarks/localisation.py).
     -> (uint8 [size,size,3], (left, top, side) of the square in the centre crop's coordinates)."""
     image = make_demo_image(rng, False, size=size)
-    donor = make_demo_image(rng, True, generator, size=size)
+    donor = make_demo_image(rng, generator is not None, generator or "bilinear", size=size)
     side, crop_origin = round(crop_size / 3), on_grid((size - crop_size) // 2)  # CentreCrop's origin
     left, top = (int(v) for v in rng.integers(0, crop_size - side + 1, 2))
     donor_left, donor_top = (int(v) for v in rng.integers(0, size - side + 1, 2))
@@ -2841,7 +2842,7 @@ def peak_of(explanation):
     return float((column + 0.5) * width / cells.shape[1]), float((row + 0.5) * height / cells.shape[0])
 
 
-def draw_explanation(explanation, threshold=0.5, title=None):
+def draw_explanation(explanation, threshold=0.5):
     """The crop beside the crop under its map of local P(fake): a matplotlib Figure (notebooks show it; .savefig
     writes it). Built without pyplot, so it changes no backend and is safe in notebooks and scripts alike."""
     from matplotlib.figure import Figure
@@ -2856,7 +2857,7 @@ def draw_explanation(explanation, threshold=0.5, title=None):
     for axis in (image_axis, map_axis):
         axis.axis("off")
     verdict = "fake" if explanation.p_fake >= threshold else "real"
-    figure.suptitle(title or f"P(fake) {explanation.p_fake:.3f}: {verdict} at threshold {threshold:g}",
+    figure.suptitle(f"P(fake) {explanation.p_fake:.3f}: {verdict} at threshold {threshold:g}",
                     color="red" if verdict == "fake" else "green")
     figure.tight_layout()
     return figure

@@ -36,17 +36,7 @@ import rine_plus_ssca as rps  # noqa: E402
 def spliced_images(n, generator, seed):
     """[(uint8 image, (left, top, side))]; generator "real" pastes a square from another real photo."""
     rng = np.random.default_rng(seed)
-    if generator != "real":
-        return [rps.make_spliced_demo_image(rng, generator) for _ in range(n)]
-    images = []
-    for _ in range(n):
-        image, box = rps.make_spliced_demo_image(rng, "bilinear")
-        donor = rps.make_demo_image(rng, False)
-        left, top, side = box
-        origin = rps.on_grid((image.shape[0] - rps.CROP_SIZE) // 2)
-        image[origin + top:origin + top + side, origin + left:origin + left + side] = donor[:side, :side]
-        images.append((image, box))
-    return images
+    return [rps.make_spliced_demo_image(rng, None if generator == "real" else generator) for _ in range(n)]
 
 
 def centre_crop_pixels(model, image):
@@ -135,9 +125,8 @@ def hit_rate(model, method, images):
     hits, started = 0, time.perf_counter()
     for image, (left, top, side) in images:
         crop, pixels = centre_crop_pixels(model, image)
-        cells = method(model, crop, pixels).float()
-        row, column = np.unravel_index(int(torch.argmax(cells)), tuple(cells.shape))
-        x, y = (column + 0.5) * crop.shape[1] / cells.shape[1], (row + 0.5) * crop.shape[0] / cells.shape[0]
+        cells = method(model, crop, pixels).detach().float().numpy()
+        x, y = rps.peak_of(rps.Explanation(crop=crop, local_logits=cells))
         hits += left <= x < left + side and top <= y < top + side
     return hits / len(images), (time.perf_counter() - started) / len(images)
 

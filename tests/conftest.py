@@ -90,6 +90,22 @@ def write_demo_tree(root, layout, seed=0, label_folders=("0_real", "1_fake"), si
     return Path(root)
 
 
+# One epoch of a small head on the CPU in float32, so in-process scores match the command's to float rounding.
+TINY_TRAIN_OPTIONS = ["--epochs", "1", "--batch-size", "16", "--proj-dim", "32", "--spec-channels", "16",
+                      "--fusion-dim", "32", "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "off"]
+
+
+def train_tiny_checkpoint(root, backbone, seed):
+    """A checkpoint trained through the command line in root, on a small demo tree (~15 s):
+    (path of the best checkpoint, the completed process)."""
+    write_demo_tree(Path(root) / "data", {"train": {"nearest": 16, "bilinear": 16}, "val": {"nearest": 4, "bilinear": 4}},
+                    seed=seed)
+    result = run_script(["--data-dir", "data", "--checkpoint-dir", "ckpt", "--clip-model", backbone, *TINY_TRAIN_OPTIONS],
+                        cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return Path(root) / "ckpt" / rps.BEST_NAME, result
+
+
 def run_script(args, cwd, timeout=900, env_extra=None):
     """`python /abs/rine_plus_ssca.py ARGS` in cwd (a tmp folder), captured."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env_extra or {}))

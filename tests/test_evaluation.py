@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
-from conftest import run_script, write_demo_tree
+from conftest import run_script, train_tiny_checkpoint
 
 THRESHOLD = 0.5
 # A value printed with 4 decimals can be off by half a unit in the last place; scores computed in
@@ -50,9 +49,6 @@ BENCHMARK = {
 GENERATORS = sorted({folder.split("/")[0] for folder in BENCHMARK})
 MEAN = f"mean ({len(GENERATORS)} generators)"  # the mean row says how many rows it averages
 
-TRAIN_OPTIONS = ["--epochs", "1", "--batch-size", "16", "--proj-dim", "32", "--spec-channels", "16",
-                 "--fusion-dim", "32", "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu",
-                 "--amp", "off"]  # float32, so in-process scores match the command's to float rounding
 
 
 def write_images(root, spec, seed):
@@ -175,11 +171,7 @@ def eval_command(ckpt, data, out, *extra, cwd):
 def trained(tmp_path_factory, tiny_backbone):
     """One tiny checkpoint trained with the command line, shared by the module (~15 s)."""
     root = tmp_path_factory.mktemp("eval_train")
-    write_demo_tree(root / "data", {"train": {"nearest": 16, "bilinear": 16}, "val": {"nearest": 4, "bilinear": 4}}, seed=5)
-    result = run_script(["--data-dir", "data", "--checkpoint-dir", "ckpt", "--clip-model", tiny_backbone, *TRAIN_OPTIONS],
-                        cwd=root)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ckpt = root / "ckpt" / rps.BEST_NAME
+    ckpt, result = train_tiny_checkpoint(root, tiny_backbone, seed=5)
     assert ckpt.is_file()
     return dict(root=root, ckpt=ckpt, stdout=result.stdout)
 

@@ -21,12 +21,10 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
-from conftest import REPO, run_script, write_demo_tree
+from conftest import REPO, run_script, train_tiny_checkpoint
 
 THRESHOLD = 0.5
 ROUNDED = 5e-5 + 1e-6  # a value printed with 4 decimals
-TRAIN_OPTIONS = ["--epochs", "1", "--batch-size", "16", "--proj-dim", "32", "--spec-channels", "16",
-                 "--fusion-dim", "32", "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "off"]
 RINE20 = REPO / "protocols" / "rine20.json"
 SYNTHBUSTER = REPO / "protocols" / "synthbuster.json"
 
@@ -93,12 +91,7 @@ def assert_row_matches(row, want, tolerance, where):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone):
     """One tiny checkpoint trained with the command line (~15 s)."""
-    root = tmp_path_factory.mktemp("protocol_train")
-    write_demo_tree(root / "data", {"train": {"nearest": 16, "bilinear": 16}, "val": {"nearest": 4, "bilinear": 4}}, seed=7)
-    result = run_script(["--data-dir", "data", "--checkpoint-dir", "ckpt", "--clip-model", tiny_backbone, *TRAIN_OPTIONS],
-                        cwd=root)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root / "ckpt" / rps.BEST_NAME
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("protocol_train"), tiny_backbone, seed=7)[0]
 
 
 @pytest.fixture(scope="module")
