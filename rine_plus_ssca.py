@@ -27,6 +27,7 @@ branches, a gated MLP makes the representation, and the loss is BCE + XI * SupCo
 """
 
 import argparse
+import contextlib
 import csv
 import difflib
 import functools
@@ -2669,8 +2670,18 @@ def load_detector(path, clip_model=None, device=None, calibrated=True):
     device = resolve_device(device or "auto")
     model = build_model(cfg, device)
     check_backbone_matches(checkpoint.get("backbone_config", {}), model.backbone.backbone_config, path, cfg.CLIP_MODEL)
+    load_trainable_weights(model, checkpoint["model"], path)
+    model.checkpoint_metrics = checkpoint.get("metrics", {})
+    model.calibration = checkpoint.get("calibration")
+    model.temperature = model.calibration["temperature"] if calibrated and model.calibration else 1.0
+    return model.eval()
+
+
+def load_trainable_weights(model, state, path):
+    """Load a checkpoint's trainable weights into model, refusing a missing or unexpected key: the frozen
+    backbone's weights are the only ones a checkpoint leaves out."""
     try:
-        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # tensor shapes differ: another architecture
         raise UserError(f"{path} does not match this model ({str(error).strip().splitlines()[-1].strip()[:160]}); "
                         "it was written by another architecture or script version.") from error
@@ -2678,10 +2689,6 @@ def load_detector(path, clip_model=None, device=None, calibrated=True):
     if missing or unexpected:
         raise UserError(f"{path} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                         "it was written by another architecture or script version.")
-    model.checkpoint_metrics = checkpoint.get("metrics", {})
-    model.calibration = checkpoint.get("calibration")
-    model.temperature = model.calibration["temperature"] if calibrated and model.calibration else 1.0
-    return model.eval()
 
 
 def stored_threshold(model):
@@ -3018,7 +3025,7 @@ def restore_last(path, cfg, model, optimizer, scaler):
     if changed:
         raise UserError(f"Can't resume: {', '.join(changed)} differ from the run in {path}. Use the same values, "
                         "or a new CHECKPOINT_DIR for a new run.")
-    model.load_state_dict(checkpoint["model"], strict=False)
+    load_trainable_weights(model, checkpoint["model"], path)
     state = checkpoint["resume"]
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -3104,18 +3111,35 @@ def gather_scores(indices, labels, probs, logits, bce_sum, world_size):
 class GracefulStop:
     """Ctrl-C or SIGTERM during training: finish the current step, save, then stop.
 
-    Stopping between steps keeps the saved position exact; a second Ctrl-C stops at once.
-    `requested` is the signal received (0 while none).
+    Stopping between steps keeps the saved position exact; a second Ctrl-C stops at once, except
+    inside `weights_and_position_together()`, which it leaves first. `requested` is the signal
+    received (0 while none).
     """
 
     def __init__(self):
         self.requested = 0
         self._previous = {}
+        self._holding, self._held = False, False
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if not self.requested:
+            self.requested = signum
+        elif self._holding:
+            self._held = True
+        else:
             raise KeyboardInterrupt
-        self.requested = signum
+
+    @contextlib.contextmanager
+    def weights_and_position_together(self):
+        """A second Ctrl-C waits for the end of this block, so the weights saved on it are never a step
+        ahead of (or behind) the position saved with them."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._held:
+            raise KeyboardInterrupt
 
     def __enter__(self):
         try:
@@ -3184,7 +3208,8 @@ def wrap_for_training(model, cfg, device, world_size):
 
 
 def training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype, cache=None, world_size=1):
-    """One optimizer step on a collated batch; returns detached (BCE sum, SupCon, loss) on the device, no sync.
+    """Forward and backward on a collated batch (update_weights then takes the step); returns detached
+    (BCE sum, SupCon, loss) on the device, no sync.
 
     step_model is the model as trained (wrapped by DDP or torch.compile, or the model itself).
     """
@@ -3200,9 +3225,32 @@ def training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_
     loss = bce * world_size + cfg.XI * supcon
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    return bce.detach(), supcon.detach(), loss.detach()
+
+
+def update_weights(optimizer, scaler):
+    """The optimizer step for the gradients training_step left (skipped by the scaler on inf/NaN fp16 gradients)."""
     scaler.step(optimizer)
     scaler.update()
-    return bce.detach(), supcon.detach(), loss.detach()
+
+
+def every_process_has_images(has_images, control_group):
+    """Whether every process has images for this step. Under torchrun a step is taken by all processes or by
+    none: DDP's gradient all-reduce waits for all of them, so one whose whole share of the batch was
+    unreadable must not skip alone."""
+    if control_group is None:
+        return has_images
+    flag = torch.tensor([int(has_images)])
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN, group=control_group)
+    return bool(flag.item())
+
+
+def seed_dropout_per_process(seed, rank, world_size, epoch, step):
+    """Under torchrun, each process its own dropout stream, from SEED, the rank and the starting position
+    (with one seed every process would drop the same units). One process keeps SEED's stream.
+    Augmentation needs nothing: each image's view is seeded from (SEED, image, view) in the sampler."""
+    if world_size > 1:
+        torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_033 + epoch) * 1_000_037 + step)
 
 
 class TrainingRun:
@@ -3233,6 +3281,7 @@ class TrainingRun:
         self.checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
         self.last_path, self.best_path = self.checkpoint_dir / LAST_NAME, self.checkpoint_dir / BEST_NAME
         self.resume_if_asked()
+        seed_dropout_per_process(cfg.SEED, self.rank, self.world_size, self.start_epoch, self.start_step)
         self.train_cache, self.val_cache = self.open_caches(train_items, val_items)
         self.open_loaders(train_items, val_items)
         self.step_model = wrap_for_training(self.model, cfg, self.device, self.world_size)
@@ -3324,7 +3373,8 @@ def run_epoch(run, epoch, stop):
                     total=run.sampler.batches_per_epoch(), leave=False, dynamic_ncols=True, disable=run.rank != 0)
     for batch in progress:
         run.train_bad.add(batch.bad, write=progress.write)
-        if batch.pixels is not None:
+        take_step = every_process_has_images(batch.pixels is not None, run.control_group)
+        if take_step:
             bce, supcon, loss = training_step(run.model, run.step_model, batch, run.optimizer, run.scaler, cfg, device,
                                               run.amp_dtype, run.train_cache, run.world_size)
             # Remember the first bad step without a GPU sync; it is read at log steps.
@@ -3332,8 +3382,11 @@ def run_epoch(run, epoch, stop):
             first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
             n_images = torch.full((), float(len(batch.labels)), device=device)  # a fill, not a host-to-device copy
             run.sums += torch.stack([bce, supcon * n_images, n_images])
-        step += 1
-        run.resume_at = (epoch, step)
+        with stop.weights_and_position_together():
+            if take_step:
+                update_weights(run.optimizer, run.scaler)
+            step += 1
+            run.resume_at = (epoch, step)
         at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
         if step % cfg.LOG_EVERY == 0 or at_save_step:
             if run.world_size > 1:

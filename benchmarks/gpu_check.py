@@ -185,6 +185,7 @@ def training_step_peak_gb(model, cfg, device, batch_size):
     try:
         batch = synthetic_batch(batch_size, device, cfg.CROP_SIZE)
         rps.training_step(model, model, batch, optimizer, scaler, cfg, device, amp_dtype)
+        rps.update_weights(optimizer, scaler)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 1e9
     except torch.cuda.OutOfMemoryError:

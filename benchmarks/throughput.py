@@ -94,6 +94,7 @@ def training_epoch(model, loader, sampler, cfg, device, cache=None, step_model=N
     def run():
         for batch in loader:
             rps.training_step(model, model if step_model is None else step_model, batch, optimizer, scaler, cfg, device, amp_dtype, cache)
+            rps.update_weights(optimizer, scaler)
     return run
 
 

@@ -212,3 +212,17 @@ def test_vit_l14_checkpoint_is_small(tmp_path, capsys):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert set(checkpoint["model"]) == set(model.trainable_state_dict())
     assert not [k for k in checkpoint["model"] if k.startswith("backbone.")]
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_load_detector_refuses_missing_or_unexpected_weights(run, tmp_path, change):
+    checkpoint = torch.load(run["best"], map_location="cpu", weights_only=True)
+    if change == "missing":  # a random classifier must never be used silently
+        del checkpoint["model"]["classifier.weight"]
+    else:
+        checkpoint["model"]["extra_layer.weight"] = torch.zeros(2)
+    path = tmp_path / f"{change}.pth"
+    torch.save(checkpoint, path)
+    key = "classifier.weight" if change == "missing" else "extra_layer.weight"
+    with pytest.raises(rps.UserError, match=rf"does not match this model \(.*{key}"):
+        rps.load_detector(path, device="cpu")

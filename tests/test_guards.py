@@ -105,6 +105,7 @@ def test_a_training_step_with_xi_zero_leaves_supcon_out(tree, make_cfg, xi):
     batch = one_batch(tree, cfg)
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     bce, supcon, loss = rps.training_step(model, model, batch, optimizer, scaler, cfg, torch.device("cpu"), None)
+    rps.update_weights(optimizer, scaler)
     projection = [p for name, p in model.named_parameters() if name.startswith("supcon_projection.")]
     assert projection
     if xi == 0:
@@ -434,3 +435,68 @@ def test_backbone_tokens_in_float32_and_bf16_match(tiny_backbone, dtype):
     torch.testing.assert_close(tokens.float(), reference, rtol=tolerance, atol=tolerance)
     if dtype == torch.bfloat16:  # really computed in bf16, not silently in float32
         assert not torch.equal(tokens.float(), reference)
+
+
+# =========================================================================== 9. SupCon temperature, resume state
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_a_training_step_uses_supcon_temperature(tree, make_cfg, temperature):
+    # Dropout 0 and a fixed batch: the features a second forward gives are those the step's loss saw.
+    cfg = make_cfg(DATA_DIR=str(tree), DROPOUT=0.0, SUPCON_TEMPERATURE=temperature)
+    torch.manual_seed(0)
+    model = rps.RINEPlusSSCA(cfg).train()
+    optimizer = rps.make_optimizer(model, cfg)
+    batch = one_batch(tree, cfg)
+    _, supcon, _ = rps.training_step(model, model, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg,
+                                     torch.device("cpu"), None)
+    with torch.no_grad():
+        _, features = model(rps.normalise_uint8(batch.pixels), None)
+    expected = rps.supervised_contrastive_loss(features, batch.labels, temperature)
+    other = rps.supervised_contrastive_loss(features, batch.labels, 0.3)
+    assert supcon.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(supcon.item() - other.item()) > 1e-3  # the temperature matters for these features
+
+
+def test_resume_refuses_a_last_checkpoint_with_missing_weights(trained, tmp_path):
+    checkpoint = load(trained["last"])
+    del checkpoint["model"]["classifier.weight"]
+    broken = tmp_path / rps.LAST_NAME
+    torch.save(checkpoint, broken)
+    cfg = trained["cfg"]
+    model = rps.RINEPlusSSCA(cfg)
+    with pytest.raises(rps.UserError, match=r"does not match this model \(missing \['classifier.weight'\]"):
+        rps.restore_last(broken, cfg, model, rps.make_optimizer(model, cfg), torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_a_second_stop_signal_inside_the_update_waits_for_its_end():
+    with rps.GracefulStop() as stop:
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            with stop.weights_and_position_together():
+                signal.raise_signal(signal.SIGINT)  # held: no KeyboardInterrupt here
+                reached_the_end = True
+        assert reached_the_end
+
+
+def test_a_second_ctrl_c_right_after_a_weight_update_saves_the_position_of_those_weights(tree, tiny_backbone,
+                                                                                       tmp_path, monkeypatch):
+    # Two Ctrl-C arrive right after the 2nd optimizer step; the saved resume step must count that step:
+    # Adam's own step counter in the saved optimizer state says how many updates the weights have had.
+    cfg = small_config(tiny_backbone, DATA_DIR=str(tree), CHECKPOINT_DIR=str(tmp_path / "run"), EPOCHS=1, BATCH_SIZE=4)
+    real_step, calls = torch.optim.Adam.step, [0]
+
+    def step_then_two_ctrl_c(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_two_ctrl_c)
+    with pytest.raises(rps.RunInterrupted, match="epoch 1, step 2"):
+        rps.train(cfg)
+    last = load(tmp_path / "run" / rps.LAST_NAME)
+    adam_steps = {float(state["step"]) for state in last["resume"]["optimizer"]["state"].values()}
+    assert adam_steps == {2.0}
+    assert (last["resume"]["epoch"], last["resume"]["step"]) == (1, 2)

@@ -343,3 +343,49 @@ def test_processes_agree_on_stopping_and_on_too_many_unreadable_images(tmp_path)
         assert outcomes[rank]["stop"] == signal.SIGTERM, outcomes  # rank 0 got no signal, yet stops as rank 1 does
         assert outcomes[rank]["bad"].startswith("2 of 10 training images are unreadable"), outcomes
         assert "img3.png; img7.png" in outcomes[rank]["bad"]
+
+
+# =========================================================================== a step skipped by all or none; dropout per process
+
+def _one_process_without_images(rank, init_file, results):
+    """One of two gloo processes: rank 1's whole share of the batch was unreadable."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        take_step = rps.every_process_has_images(rank == 0, dist.group.WORLD)
+        rps.seed_dropout_per_process(3, rank, 2, 1, 0)
+        mask = torch.nn.functional.dropout(torch.ones(64), 0.5, training=True) > 0
+    finally:
+        dist.destroy_process_group()
+    results.put((rank, (take_step, mask.tolist())))
+
+
+def test_processes_skip_a_step_together_and_draw_their_own_dropout_masks(tmp_path):
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_one_process_without_images, args=(rank, tmp_path / "init", results))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    try:
+        outcomes = dict(results.get(timeout=GUARD_S) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(timeout=EXIT_WITHIN_S)
+            if process.is_alive():
+                process.kill()
+    assert outcomes[0][0] is False and outcomes[1][0] is False  # rank 0 had images, yet skips with rank 1
+    assert outcomes[0][1] != outcomes[1][1]  # each process its own dropout mask
+
+
+def test_one_process_keeps_seeds_dropout_stream():
+    torch.manual_seed(5)
+    expected = torch.rand(8)
+    torch.manual_seed(5)
+    rps.seed_dropout_per_process(5, 0, 1, 1, 0)
+    assert torch.equal(torch.rand(8), expected)
+    assert rps.every_process_has_images(False, None) is False and rps.every_process_has_images(True, None) is True
