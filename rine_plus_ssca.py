@@ -2023,11 +2023,15 @@ def generator_row_names(labels_per_group, root_name):
     """The table row of each group, named as the papers name the generator.
 
     labels_per_group: {group: set of labels found in it}, groups as scan_image_folder gives them.
-    A trailing split folder is dropped (GenImage: `sdv1.4/val` -> `sdv1.4`). A folder whose
-    sub-folders each hold both classes is one generator with categories (ForenSynths:
-    `progan/car`, `progan/cat` -> `progan`); a folder whose sub-folders hold one class each
-    collects generators (UniversalFakeDetect: `diffusion_datasets/guided` is a row of its own).
-    Images right under the test folder (`real/`, `fake/`) make a row named after it.
+    A trailing split folder is dropped (GenImage: `sdv1.4/val` -> `sdv1.4`; tree_items refuses
+    training splits before). A folder whose image folders each hold both classes is one generator
+    with categories (ForenSynths: `progan/car`, `progan/cat` -> `progan`). So is one where a few
+    of them hold one class, all the same one, as long as more hold both: a category missing a
+    class (a partial download) does not split its generator into per-category rows. Otherwise the
+    folder collects generators, each sub-folder looked at on its own (UniversalFakeDetect:
+    `diffusion_datasets/guided` is a row of its own; `gans/biggan` with both classes beside
+    `gans/stargan` with fakes only are two rows). Images right under the test folder (`real/`,
+    `fake/`) make a row named after it.
     """
     def without_split(group):
         parts = [] if group == "." else group.split("/")
@@ -2044,6 +2048,9 @@ def generator_row_names(labels_per_group, root_name):
             below = [other for other in labels_at if other[:depth] == parts[:depth]]
             if len(below) == 1 or all(len(labels_at[other]) == 2 for other in below):
                 return "/".join(parts[:depth])
+            one_class = [labels_at[other] for other in below if len(labels_at[other]) == 1]
+            if len(one_class) < len(below) - len(one_class) and len(set.union(*one_class)) == 1:
+                return "/".join(parts[:depth])  # categories of one generator, a few missing the same class
         return "/".join(parts) or root_name
 
     return {group: row_name(without_split(group)) for group in labels_per_group}
@@ -2098,6 +2105,26 @@ def one_class_note(rows):
             "e.g. protocols/rine20.json).")
 
 
+def training_split_folder(groups):
+    """The first training split among the folders of these groups (scan_image_folder's), or None.
+
+    A folder named `train` is a split when every folder beside it is named train, val or test
+    (GenImage: `sdv1.4/train` beside `sdv1.4/val`; a dataset root holding `train/` and `test/`).
+    ForenSynths' category `progan/train` (the vehicle) sits beside `progan/car` and is none.
+    """
+    children = {}
+    for group in groups:
+        parts = () if group == "." else tuple(group.split("/"))
+        for depth in range(len(parts)):
+            children.setdefault(parts[:depth], set()).add(parts[depth])
+    for parent, names in sorted(children.items()):
+        if {name.lower() for name in names} <= SPLIT_FOLDER_NAMES:
+            for name in sorted(names):
+                if name.lower() == "train":
+                    return "/".join(parent + (name,))
+    return None
+
+
 def tree_items(data_dir, real_dir=None):
     """Items of every labelled image under data_dir, rows named by generator_row_names, sorted by row."""
     found, unlabeled = scan_image_folder(data_dir)
@@ -2120,6 +2147,11 @@ def tree_items(data_dir, real_dir=None):
     labels_per_group = {}
     for _, label, group in found:
         labels_per_group.setdefault(group, set()).add(label)
+    training = training_split_folder(labels_per_group)
+    if training is not None:  # its images would enter the test rows (GenImage's root holds <gen>/train beside <gen>/val)
+        raise UserError(f"{Path(data_dir) / training} is a training split, and eval scores test images only; give --data "
+                        "the val or test folder (or the train folder itself to score it on purpose), or for GenImage "
+                        "--protocol protocols/genimage.json, which reads the val folders.")
     row_of = generator_row_names(labels_per_group, Path(data_dir).resolve().name)
     by_row = {}
     for path, label, group in found:
@@ -2132,7 +2164,7 @@ def tree_items(data_dir, real_dir=None):
 
 
 PROTOCOL_KEYS = {"description", "real_dir", "rows"}
-PROTOCOL_ROW_KEYS = {"name", "folder", "fake", "real"}
+PROTOCOL_ROW_KEYS = {"name", "folder", "fake", "real", "expected"}
 
 
 def read_protocol(path):
@@ -2147,10 +2179,13 @@ def read_protocol(path):
     real/fake, nature/ai), categories merged; "fake" / "real": every image below is of that class,
     no label folders needed. Each is one path or a list. A path starting with "{real_dir}" starts
     at the protocol's real_dir (relative to --data), or at --real-dir when that is given.
+    "expected" (optional): the row's image count per class as the benchmark publishes it,
+    e.g. {"real": 1000, "fake": 1000}; eval notes a row whose count differs (expected_count_notes).
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"No protocol file {path}; the shipped ones are protocols/rine20.json and protocols/synthbuster.json.")
+        raise UserError(f"No protocol file {path}; the shipped ones are protocols/rine20.json, protocols/synthbuster.json "
+                        "and protocols/genimage.json.")
     try:
         protocol = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -2170,6 +2205,11 @@ def read_protocol(path):
             value = row.get(key, [])
             if not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise UserError(f"{where} ({row['name']}): \"{key}\" must be a folder path or a list of them.")
+        expected = row.get("expected")
+        if expected is not None and not (isinstance(expected, dict) and expected and set(expected) <= {"real", "fake"}
+                                         and all(type(n) is int and n >= 0 for n in expected.values())):
+            raise UserError(f"{where} ({row['name']}): \"expected\" is the row's image count per class, "
+                            "e.g. {\"real\": 1000, \"fake\": 1000}.")
         if not any(row.get(key) for key in ("folder", "fake", "real")):
             raise UserError(f"{where} ({row['name']}): give its images as \"folder\", or as \"fake\" and \"real\" folders.")
         if row["name"] in names:
@@ -2234,6 +2274,24 @@ def protocol_items(data_dir, protocol, real_dir=None, source="the protocol"):
     for path, rows in missing.items():
         print(f"warning: no folder {path}, named by {source} for {', '.join(rows)}", file=sys.stderr)
     return items
+
+
+def expected_count_notes(protocol, items):
+    """One line per protocol row whose image count differs from its "expected" count, the one the
+    benchmark publishes: a partial download or stray files change what the row's numbers mean.
+    Rows with no images at all are left out (protocol_items warns about those)."""
+    found = {}
+    for _, label, row in items:
+        counts = found.setdefault(row, {"real": 0, "fake": 0})
+        counts["fake" if label else "real"] += 1
+    notes = []
+    for row in protocol["rows"]:
+        expected, counts = row.get("expected"), found.get(row["name"])
+        if expected and counts and any(counts[kind] != n for kind, n in expected.items()):
+            have = " and ".join(f"{counts[kind]} {kind}" for kind in expected)
+            want = " and ".join(f"{n} {kind}" for kind, n in expected.items())
+            notes.append(f"{row['name']} has {have} images where the benchmark has {want}.")
+    return notes
 
 
 def collect_test_items(data_dir, real_dir=None, max_per_class=None, seed=0, protocol=None):
@@ -3643,7 +3701,7 @@ def build_eval_parser():
                                 description="Evaluate a checkpoint: one row per generator, named as the papers name it, plus a mean row over the rows holding both classes.")
     add_model_options(parser)
     parser.add_argument("--data", required=True, help="folder holding <generator>/[<category>/]0_real|1_fake (or real|fake, nature|ai)")
-    parser.add_argument("--protocol", default=None, help="a protocol file naming each row's fake and real folders, in order: protocols/rine20.json (RINE's 20 test sets), protocols/synthbuster.json")
+    parser.add_argument("--protocol", default=None, help="a protocol file naming each row's fake and real folders, in order: protocols/rine20.json (RINE's 20 test sets), protocols/synthbuster.json, protocols/genimage.json (GenImage's 8 val sets)")
     parser.add_argument("--real-dir", default=None, help="shared real images for every row that has none (then images in no label folder count as fakes); with a protocol: replaces its real_dir")
     parser.add_argument("--max-per-class", type=int, default=None, help="seeded sample of at most N images per class and generator")
     parser.add_argument("--jpeg-quality", type=number_list(int), default=[], help="JPEG quality for every test image, or a sweep: 95,75,50,30")
@@ -3684,10 +3742,13 @@ def run_eval(args):
     print(probabilities_are)
     markdown = [f"# {args.data} with {args.ckpt} (threshold {threshold})\n", f"{probabilities_are}.\n"]
     if args.protocol:
-        description = read_protocol(args.protocol).get("description")
-        line = f"protocol {args.protocol}" + (f": {description}" if description else "")
+        protocol = read_protocol(args.protocol)
+        line = f"protocol {args.protocol}" + (f": {protocol['description']}" if protocol.get("description") else "")
         print(line)
         markdown.append(f"{line}\n")
+        for note in ([] if args.max_per_class else expected_count_notes(protocol, items)):  # a sample has fewer by design
+            print(f"note: {note}")
+            markdown.append(f"\nNote: {note}\n")
     csv_rows, mean_rows, written = [], {}, [f"{stem}.csv", f"{stem}.md"]
     for kind, level in conditions:
         options = {perturbations[kind][0]: level} if kind != "clean" else {}

@@ -27,12 +27,18 @@ THRESHOLD = 0.5
 ROUNDED = 5e-5 + 1e-6  # a value printed with 4 decimals
 RINE20 = REPO / "protocols" / "rine20.json"
 SYNTHBUSTER = REPO / "protocols" / "synthbuster.json"
+GENIMAGE = REPO / "protocols" / "genimage.json"
 
 # RINE's 20 test sets as RINE's code names them (mever-team/rine, src/utils.py get_generators), in its order.
 RINE_GENERATORS = ["progan", "stylegan", "stylegan2", "biggan", "cyclegan", "stargan", "gaugan", "deepfake",
                    "seeingdark", "san", "crn", "imle", "diffusion_datasets/guided", "diffusion_datasets/ldm_200",
                    "diffusion_datasets/ldm_200_cfg", "diffusion_datasets/ldm_100", "diffusion_datasets/glide_100_27",
                    "diffusion_datasets/glide_50_27", "diffusion_datasets/glide_100_10", "diffusion_datasets/dalle"]
+# GenImage's 8 test sets as its paper's tables name them, in their order; the folders as the download unpacks.
+GENIMAGE_FOLDERS = {"Midjourney": "Midjourney/imagenet_midjourney", "SD V1.4": "stable_diffusion_v_1_4/imagenet_ai_0419_sdv4",
+                    "SD V1.5": "stable_diffusion_v_1_5/imagenet_ai_0424_sdv5", "ADM": "ADM/imagenet_ai_0508_adm",
+                    "GLIDE": "glide/imagenet_glide", "Wukong": "wukong/imagenet_ai_0424_wukong",
+                    "VQDM": "VQDM/imagenet_ai_0419_vqdm", "BigGAN": "BigGAN/imagenet_ai_0419_biggan"}
 SYNTHBUSTER_GENERATORS = ["dalle2", "dalle3", "stable-diffusion-1-3", "stable-diffusion-1-4", "stable-diffusion-2",
                           "stable-diffusion-xl", "glide", "firefly", "midjourney-v5"]
 
@@ -348,3 +354,76 @@ def test_resize_sweep_matches_pil_resizing(trained, model, tmp_path):
     assert rps.FixedPerturbation(resize=0.5)(image).size == (image.width // 2, image.height // 2)
     bad = run_script(["eval", "--ckpt", trained, "--data", "test", "--resize", "0"], cwd=tmp_path)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "--resize" in bad.stderr
+
+
+# --------------------------------------------------------------------------- 6. split folders, row naming, GenImage
+
+def test_a_tree_with_training_splits_is_refused_so_train_images_never_enter_a_test_row(tmp_path, trained):
+    """GenImage's root holds <gen>/<set>/train beside <gen>/<set>/val: without the refusal both merged into one row."""
+    write_images(tmp_path / "GenImage", {"sdv/imagenet_sdv/train/ai": (2, True), "sdv/imagenet_sdv/train/nature": (2, False),
+                                         "sdv/imagenet_sdv/val/ai": (1, True), "sdv/imagenet_sdv/val/nature": (1, False)}, seed=11)
+    split = tmp_path / "GenImage" / "sdv" / "imagenet_sdv" / "train"
+    with pytest.raises(rps.UserError, match=re.escape(f"{split} is a training split")):
+        rps.collect_test_items(tmp_path / "GenImage")
+    result = run_script(["eval", "--ckpt", trained, "--data", "GenImage", "--device", "cpu"], cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "protocols/genimage.json" in result.stderr
+    # The val folder alone is one row named after the generator; ForenSynths' category `train` (the vehicle),
+    # beside other categories, is a category like any other.
+    items = rps.collect_test_items(tmp_path / "GenImage" / "sdv" / "imagenet_sdv" / "val")
+    assert len(items) == 2
+    write_images(tmp_path / "test", {f"progan/{c}/{label}": (1, label == "1_fake") for c in ("car", "train")
+                                     for label in ("0_real", "1_fake")}, seed=12)
+    assert {row for _, _, row in rps.collect_test_items(tmp_path / "test")} == {"progan"}
+
+
+def test_a_category_missing_a_class_keeps_its_generator_one_row():
+    groups = {"progan/car": {0, 1}, "progan/cat": {0, 1}, "progan/dog": {1}, "biggan": {0, 1}}
+    assert rps.generator_row_names(groups, "test") == {group: group.split("/")[0] for group in groups}
+
+
+def test_a_generator_with_both_classes_beside_a_fake_only_one_is_not_merged():
+    """`gans/` collects generators: biggan with both classes, stargan with fakes only (its reals elsewhere)."""
+    groups = {"gans/biggan": {0, 1}, "gans/stargan": {1}}
+    assert rps.generator_row_names(groups, "test") == {"gans/biggan": "gans/biggan", "gans/stargan": "gans/stargan"}
+    # Several one-class folders of both kinds are UniversalFakeDetect's layout, even beside two-class ones.
+    groups = {"dd/guided": {1}, "dd/ldm": {1}, "dd/laion": {0}, "dd/mine": {0, 1}, "dd/yours": {0, 1}}
+    assert rps.generator_row_names(groups, "test") == {group: group for group in groups}
+
+
+def test_genimage_protocol_scores_each_generators_val_split_only(trained, tmp_path):
+    protocol = rps.read_protocol(GENIMAGE)
+    assert [(row["name"], row["folder"]) for row in protocol["rows"]] == [
+        (name, f"{folder}/val") for name, folder in GENIMAGE_FOLDERS.items()]
+    spec = {f"{GENIMAGE_FOLDERS[name]}/{split}/{label}": (1 + (split == "train"), label == "ai")
+            for name in ("SD V1.4", "BigGAN") for split in ("train", "val") for label in ("ai", "nature")}
+    written = write_images(tmp_path / "GenImage", spec, seed=13)
+    items = rps.collect_test_items(tmp_path / "GenImage", protocol=GENIMAGE)
+    want = sorted(p for folder, paths in written.items() if "/val/" in folder for p in paths)
+    assert sorted(str(p) for p, _, _ in items) == want  # no training image
+    result = run_script(["eval", "--ckpt", trained, "--data", "GenImage", "--protocol", GENIMAGE, "--out", "out",
+                         "--device", "cpu", "--num-workers", "0"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_csv(tmp_path / "out" / "eval_GenImage.csv")
+    assert [(row["generator"], row["n_real"], row["n_fake"]) for row in rows] == [
+        ("SD V1.4", "1", "1"), ("BigGAN", "1", "1"), ("mean (2 generators)", "2", "2")]
+    assert "6 of the 8 rows" in result.stderr
+
+
+def test_a_row_whose_count_differs_from_the_protocols_gets_one_note(trained, tmp_path):
+    write_images(tmp_path / "test", {"biggan/0_real": (2, False), "biggan/1_fake": (2, True), "crn/0_real": (1, False),
+                                     "crn/1_fake": (2, True)}, seed=14)
+    protocol = {"rows": [{"name": "biggan", "folder": "biggan", "expected": {"real": 2, "fake": 2}},
+                         {"name": "crn", "folder": "crn", "expected": {"real": 2, "fake": 2}}]}
+    (tmp_path / "counted.json").write_text(json.dumps(protocol))
+    result = run_script(["eval", "--ckpt", trained, "--data", "test", "--protocol", "counted.json", "--out", "out",
+                         "--device", "cpu", "--num-workers", "0"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ") and "benchmark has" in line]
+    assert notes == ["note: crn has 1 real and 2 fake images where the benchmark has 2 real and 2 fake."]
+    protocol["rows"][1]["expected"] = {"real": 1, "fake": 2}
+    assert rps.expected_count_notes(protocol, rps.collect_test_items(tmp_path / "test", protocol=tmp_path / "counted.json")) == []
+    for bad in ({"real": -1}, {"reals": 2}, {"real": 1.5}, {}, [2, 2]):
+        (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"name": "crn", "folder": "crn", "expected": bad}]}))
+        with pytest.raises(rps.UserError, match='"expected" is the row'):
+            rps.read_protocol(tmp_path / "bad.json")
