@@ -49,6 +49,7 @@ import zipfile
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,85 +57,136 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+class Constant(NamedTuple):
+    """How one constant below is declared: its default, what it affects, its --help text and its allowed values."""
+    default: object
+    affects: tuple  # of ARCHITECTURE, INPUTS, RUN
+    help: str
+    choices: tuple = None
+    at_least: float = None  # allowed values: choices, or at_least/above <= value <= at_most/below
+    above: float = None
+    at_most: float = None
+    below: float = None
+    multiple_of: int = None
+
+
+# What a constant affects; everything that lists constants is derived from these marks.
+ARCHITECTURE = "architecture"  # the model: stored with a checkpoint, rebuilt from it, fixed when resuming
+INPUTS = "inputs"  # the pixels and tokens the trainable part sees: part of the feature cache's key
+RUN = "run"  # this run only (files, machine, optimisation, selection)
+_DECLARED = []
+
+
+def declare(default, affects, help, **allowed):
+    """Record one constant's declaration and return its default (so `NAME = declare(...)` is the value)."""
+    affects = affects if isinstance(affects, tuple) else (affects,)
+    _DECLARED.append(Constant(default, affects, help, **allowed))
+    return default
+
+
 _NAMES_BEFORE_CONFIG = set(globals())
 # =====================================================================================
-# Configuration: every constant below is also a command-line option
-# (BATCH_SIZE -> --batch-size). The comment after each one is its --help text.
+# Configuration: every constant below is also a command-line option (BATCH_SIZE ->
+# --batch-size). Edit the first value of a declare(...) to change a default; the text
+# is its --help, and what it affects decides the checkpoint and the feature cache.
 # =====================================================================================
 
 # --- data and files ---
-DATA_DIR = "data"  # folder holding train/ and optionally val/ (labels come from folder names)
-CHECKPOINT_DIR = "checkpoints"  # where best_/last_rine_plus_ssca.pth are written
-TRAIN_CLASSES = ""  # comma-separated generator/category folders to train on, e.g. "car,cat,chair,horse"; "" = all
-VAL_FRACTION = 0.1  # share of train held out (seeded, stratified) when DATA_DIR/val is absent; 0.05-0.2
+DATA_DIR = declare("data", RUN, "folder holding train/ and optionally val/ (labels come from folder names)")
+CHECKPOINT_DIR = declare("checkpoints", RUN, "where best_/last_rine_plus_ssca.pth are written")
+TRAIN_CLASSES = declare("", RUN, 'comma-separated generator/category folders to train on, e.g. "car,cat,chair,horse"; "" = all')
+VAL_FRACTION = declare(0.1, RUN, "share of train held out (seeded, stratified) when DATA_DIR/val is absent; 0.05-0.2",
+                       above=0, below=1)
 
 # --- backbone ---
-CLIP_MODEL = "openai/clip-vit-large-patch14"  # HuggingFace id or a local folder saved with save_pretrained
-BLOCKS = "all"  # CLIP blocks whose CLS token is used: "all", "0-11" or "4,8,12" (0-based)
+CLIP_MODEL = declare("openai/clip-vit-large-patch14", ARCHITECTURE,
+                     "HuggingFace id or a local folder saved with save_pretrained")
+BLOCKS = declare("all", ARCHITECTURE, 'CLIP blocks whose CLS token is used: "all", "0-11" or "4,8,12" (0-based)')
 
 # --- model ---
-PROJ_DIM = 1024  # d', width of Q1/TIE/Q2 (RINE: 128-1024, best 1024)
-NPROJ = 2  # Linear+ReLU+Dropout layers in each of Q1 and Q2 (RINE: 1-4, best 2)
-DROPOUT = 0.5  # dropout in Q1/Q2 and the gated MLP; 0-0.5
-SPEC_CHANNELS = 256  # C, channels of the spectral map after the DCTConvBlock; 64-512
-FUSION_DIM = 512  # D, width of the fused representation; 128-1024
-FUSION_HEADS = 8  # attention heads in the cross-attention fusion (must divide FUSION_DIM)
+PROJ_DIM = declare(1024, ARCHITECTURE, "d', width of Q1/TIE/Q2 (RINE: 128-1024, best 1024)", at_least=1)
+NPROJ = declare(2, ARCHITECTURE, "Linear+ReLU+Dropout layers in each of Q1 and Q2 (RINE: 1-4, best 2)", at_least=1)
+DROPOUT = declare(0.5, RUN, "dropout in Q1/Q2 and the gated MLP; 0-0.5", at_least=0, below=1)
+SPEC_CHANNELS = declare(256, ARCHITECTURE, "C, channels of the spectral map after the DCTConvBlock; 64-512", at_least=1)
+FUSION_DIM = declare(512, ARCHITECTURE, "D, width of the fused representation; 128-1024", at_least=1)
+FUSION_HEADS = declare(8, ARCHITECTURE, "attention heads in the cross-attention fusion (must divide FUSION_DIM)", at_least=1)
 
 # --- ablations (one switch each) ---
-USE_SPECTRAL = True  # False = RINE as published (no DCT/SSCA branch, RINE's head and checkpoint keys; import-rine loads its weights)
-USE_TIE = True  # False = plain mean over blocks instead of the learned block importances
-FUSION = "cross_attention"  # "cross_attention" or "concat" (concatenate z_clip and z_dct, then Linear)
-SPECTRAL_INPUT = "dct"  # "dct" (8x8 block DCT of the pixels) or "clip_patches" (patch tokens of PATCH_BLOCK)
-PATCH_BLOCK = 12  # block whose patch tokens feed the spectral branch when SPECTRAL_INPUT="clip_patches"
+USE_SPECTRAL = declare(True, ARCHITECTURE, "False = RINE as published (no DCT/SSCA branch, RINE's head and checkpoint "
+                       "keys; import-rine loads its weights)")
+USE_TIE = declare(True, ARCHITECTURE, "False = plain mean over blocks instead of the learned block importances")
+FUSION = declare("cross_attention", ARCHITECTURE, '"cross_attention" or "concat" (concatenate z_clip and z_dct, then Linear)',
+                 choices=("cross_attention", "concat"))
+SPECTRAL_INPUT = declare("dct", ARCHITECTURE, '"dct" (8x8 block DCT of the pixels) or "clip_patches" (patch tokens of '
+                         "PATCH_BLOCK)", choices=("dct", "clip_patches"))
+PATCH_BLOCK = declare(12, ARCHITECTURE, 'block whose patch tokens feed the spectral branch when SPECTRAL_INPUT="clip_patches"')
 
 # --- loss and optimisation ---
-XI = 0.2  # weight of SupCon; BCE is summed over the batch as in RINE, so at RINE's batch size 128 its grid {0.1,0.2,0.4,0.8} means the same; 0 = no SupCon
-SUPCON_TEMPERATURE = 0.07  # SupCon temperature (Khosla et al.); 0.05-0.2
-LR = 1e-3  # Adam learning rate (RINE: 1e-3)
-WEIGHT_DECAY = 0.0  # Adam weight decay
-EPOCHS = 1  # passes over the training set (RINE found 1 best; try 3-5 when the spectral branch is on)
-BATCH_SIZE = 128  # images per step (RINE: 128; lower it if you run out of GPU memory)
-SELECT_METRIC = "ap"  # validation metric that picks the best epoch: "acc", "ap", "auc" or "loss"
-THRESHOLD = 0.5  # P(fake) at or above which an image is called fake
-TARGET_FPR = 0.0  # false-positive rate on validation reals for the stored threshold predict uses; 0 = off (0.01-0.1)
+XI = declare(0.2, RUN, "weight of SupCon; BCE is summed over the batch as in RINE, so at RINE's batch size 128 its grid "
+             "{0.1,0.2,0.4,0.8} means the same; 0 = no SupCon", at_least=0)
+SUPCON_TEMPERATURE = declare(0.07, RUN, "SupCon temperature (Khosla et al.); 0.05-0.2", above=0)
+LR = declare(1e-3, RUN, "Adam learning rate (RINE: 1e-3)", above=0, below=3e38)  # 3e38: the largest float32
+WEIGHT_DECAY = declare(0.0, RUN, "Adam weight decay", at_least=0)
+EPOCHS = declare(1, RUN, "passes over the training set (RINE found 1 best; try 3-5 when the spectral branch is on)",
+                 at_least=1)
+BATCH_SIZE = declare(128, RUN, "images per step (RINE: 128; lower it if you run out of GPU memory)", at_least=1)
+SELECT_METRIC = declare("ap", RUN, 'validation metric that picks the best epoch: "acc", "ap", "auc" or "loss"',
+                        choices=("acc", "ap", "auc", "loss"))
+THRESHOLD = declare(0.5, RUN, "P(fake) at or above which an image is called fake", at_least=0, at_most=1)
+TARGET_FPR = declare(0.0, RUN, "false-positive rate on validation reals for the stored threshold predict uses; 0 = off "
+                     "(0.01-0.1)", at_least=0, below=1)
 
-# --- augmentation (training only; evaluation uses a centre crop) ---
-CROP_SIZE = 224  # crop side in pixels; images are cropped, never resized (resizing erases artefacts)
-TEST_CROP = "grid"  # "grid": test crops on the 8-pixel grid with mirror padding, as in training; "rine": torchvision's CenterCrop with zero padding, RINE's own (import-rine sets it)
-BLUR_PROB = 0.5  # probability of Gaussian blur
-BLUR_SIGMA_MAX = 3.0  # blur sigma ~ U[0, BLUR_SIGMA_MAX]
-JPEG_PROB = 0.5  # probability of JPEG re-encoding
-JPEG_QUALITY_MIN = 30  # JPEG quality ~ U{JPEG_QUALITY_MIN..100}
+# --- crops and augmentation (what the images look like when they reach the model) ---
+CROP_SIZE = declare(224, (ARCHITECTURE, INPUTS), "crop side in pixels; images are cropped, never resized (resizing "
+                    "erases artefacts)", at_least=8, multiple_of=8)  # the DCT works on 8x8 blocks
+TEST_CROP = declare("grid", INPUTS, '"grid": test crops on the 8-pixel grid with mirror padding, as in training; "rine": '
+                    "torchvision's CenterCrop with zero padding, RINE's own (import-rine sets it)", choices=("grid", "rine"))
+BLUR_PROB = declare(0.5, INPUTS, "probability of Gaussian blur", at_least=0, at_most=1)
+BLUR_SIGMA_MAX = declare(3.0, INPUTS, "blur sigma ~ U[0, BLUR_SIGMA_MAX]", at_least=0)
+JPEG_PROB = declare(0.5, INPUTS, "probability of JPEG re-encoding", at_least=0, at_most=1)
+JPEG_QUALITY_MIN = declare(30, INPUTS, "JPEG quality ~ U{JPEG_QUALITY_MIN..100}", at_least=1, at_most=100)
 
 # --- machine ---
-DEVICE = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
-AMP = "auto"  # mixed precision: "auto" (GPU: bf16 if native, Ampere+, else fp16; CPU: bf16 backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"
-NUM_WORKERS = 8  # data-loading processes (capped at the number of CPU cores)
-SEED = 0  # seeds Python, NumPy and torch (and the hold-out split)
-LOG_EVERY = 20  # steps between progress-bar loss updates (each update syncs with the GPU)
+DEVICE = declare("auto", RUN, '"auto" (cuda if available), "cuda", "cuda:1" or "cpu"')
+AMP = declare("auto", RUN, 'mixed precision: "auto" (GPU: bf16 if native, Ampere+, else fp16; CPU: bf16 backbone where '
+              'the CPU has bf16 instructions), "bf16", "fp16", "off"', choices=("auto", "bf16", "fp16", "off"))
+NUM_WORKERS = declare(8, RUN, "data-loading processes (capped at the number of CPU cores)", at_least=0)
+SEED = declare(0, (RUN, INPUTS), "seeds Python, NumPy and torch (and the hold-out split, and every augmented view)")
+LOG_EVERY = declare(20, RUN, "steps between progress-bar loss updates (each update syncs with the GPU)", at_least=1)
 
 # --- speed ---
-CACHE_FEATURES = False  # keep the frozen backbone's tokens on disk: later epochs and runs skip the backbone
-CACHE_VIEWS = 4  # augmented views cached per training image; epoch e uses view (e-1) mod CACHE_VIEWS
-CACHE_DIR = ""  # where the cache lives; "" = CHECKPOINT_DIR/cache
-COMPILE = False  # torch.compile the trainable head (faster on recent GPUs after a slow first step)
+CACHE_FEATURES = declare(False, RUN, "keep the frozen backbone's tokens on disk: later epochs and runs skip the backbone")
+CACHE_VIEWS = declare(4, RUN, "augmented views cached per training image; epoch e uses view (e-1) mod CACHE_VIEWS, so "
+                      "set it to EPOCHS for the views an uncached run sees", at_least=1)
+CACHE_DIR = declare("", RUN, 'where the cache lives; "" = CHECKPOINT_DIR/cache')
+COMPILE = declare(False, RUN, "torch.compile the trainable head (faster on recent GPUs after a slow first step)")
 
 # --- safety and reproducibility ---
-RESUME = False  # continue from CHECKPOINT_DIR/last_rine_plus_ssca.pth (model, optimizer, RNG, position in the epoch)
-SAVE_EVERY_STEPS = 500  # also write the last checkpoint every N steps inside an epoch; 0 = only at epoch ends
-MAX_BAD_FRACTION = 0.05  # stop when more than this share of a split cannot be read (run check-data to list them)
-DETERMINISTIC = False  # deterministic kernels: two CPU runs give bit-identical checkpoints (slower on GPU)
+RESUME = declare(False, RUN, "continue from CHECKPOINT_DIR/last_rine_plus_ssca.pth (model, optimizer, RNG, position in "
+                 "the epoch)")
+SAVE_EVERY_STEPS = declare(500, RUN, "also write the last checkpoint every N steps inside an epoch; 0 = only at epoch "
+                           "ends", at_least=0)
+MAX_BAD_FRACTION = declare(0.05, RUN, "stop when more than this share of a split cannot be read (run check-data to list "
+                           "them)", at_least=0, at_most=1)
+DETERMINISTIC = declare(False, RUN, "deterministic kernels: two CPU runs give bit-identical checkpoints (slower on GPU)")
 
-# Every UPPERCASE name above is a configuration constant (and a command-line option).
-CONFIG_NAMES = [name for name in dict(globals()) if name.isupper() and not name.startswith("_") and name not in _NAMES_BEFORE_CONFIG]
 
-CHOICES = {
-    "SELECT_METRIC": ("acc", "ap", "auc", "loss"),
-    "FUSION": ("cross_attention", "concat"),
-    "SPECTRAL_INPUT": ("dct", "clip_patches"),
-    "AMP": ("auto", "bf16", "fp16", "off"),
-    "TEST_CROP": ("grid", "rine"),
-}
+def _name_declarations(names):
+    """{NAME: Constant}: the UPPERCASE names assigned above, in order, paired with their declare(...) calls."""
+    if len(names) != len(_DECLARED) or any(globals()[n] != c.default or type(globals()[n]) is not type(c.default)
+                                           for n, c in zip(names, _DECLARED)):
+        lost = next((n for n, c in zip(names, _DECLARED) if globals()[n] != c.default), names[-1])
+        raise SystemExit(f"rine_plus_ssca.py: the constant {lost} (or the one before it) is not written as "
+                         f"{lost} = declare(value, ...): change the first value inside declare(...) instead.")
+    return dict(zip(names, _DECLARED))
+
+
+CONSTANTS = _name_declarations([name for name in dict(globals()) if name.isupper() and not name.startswith("_")
+                                and name not in _NAMES_BEFORE_CONFIG])
+CONFIG_NAMES = list(CONSTANTS)
+CHOICES = {name: c.choices for name, c in CONSTANTS.items() if c.choices}
+ARCHITECTURE_CONSTANTS = [name for name, c in CONSTANTS.items() if ARCHITECTURE in c.affects]
+INPUT_CONSTANTS = [name for name, c in CONSTANTS.items() if INPUTS in c.affects]
 
 # The demo changes these (options given on the command line still win).
 DEMO_OVERRIDES = dict(
@@ -1631,8 +1683,7 @@ def backbone_fingerprint(backbone):
 def feature_cache_folder(split_name, items, cfg, backbone, n_views):
     """The cache folder of one split, named by a digest of everything its entries depend on (reads every file's size and time)."""
     digest = hashlib.sha256(backbone_fingerprint(backbone).encode())
-    constants = {name: getattr(cfg, name) for name in ("CROP_SIZE", "BLUR_PROB", "BLUR_SIGMA_MAX", "JPEG_PROB",
-                                                         "JPEG_QUALITY_MIN", "SEED")}
+    constants = {name: getattr(cfg, name) for name in INPUT_CONSTANTS}
     digest.update(json.dumps([CACHE_FORMAT, split_name, n_views, constants], sort_keys=True).encode())
     for path, label, _ in items:
         stat = os.stat(path)
@@ -3004,24 +3055,28 @@ def make_optimizer(model, cfg):
 
 def validate_config(cfg):
     """Refuse impossible constant values with a one-line UserError before anything is loaded."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}.")
-    positive = ["EPOCHS", "BATCH_SIZE", "PROJ_DIM", "NPROJ", "SPEC_CHANNELS", "FUSION_DIM", "FUSION_HEADS", "LOG_EVERY"]
-    if cfg.SAVE_EVERY_STEPS < 0 or not 0 <= cfg.MAX_BAD_FRACTION <= 1:
-        raise UserError("Need SAVE_EVERY_STEPS >= 0 and 0 <= MAX_BAD_FRACTION <= 1.")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)}).")
+    for name, constant in CONSTANTS.items():
+        problem = constant_problem(constant, getattr(cfg, name))
+        if problem:
+            raise UserError(f"{name}={getattr(cfg, name)!r} {problem}. {name}: {constant.help}.")
     if cfg.FUSION_DIM % cfg.FUSION_HEADS:
         raise UserError(f"FUSION_HEADS={cfg.FUSION_HEADS} must divide FUSION_DIM={cfg.FUSION_DIM}.")
-    if not 0 < cfg.LR < 3e38 or cfg.XI < 0 or not 0 <= cfg.DROPOUT < 1 or not 0 < cfg.VAL_FRACTION < 1:
-        raise UserError("Need 0 < LR < 3e38 (a float32), XI >= 0, 0 <= DROPOUT < 1 and 0 < VAL_FRACTION < 1.")
-    if cfg.CROP_SIZE % 8:
-        raise UserError(f"CROP_SIZE={cfg.CROP_SIZE} must be a multiple of 8 (the DCT works on 8x8 blocks).")
-    if not 0 <= cfg.TARGET_FPR < 1:
-        raise UserError(f"TARGET_FPR={cfg.TARGET_FPR} must be at least 0 and below 1 (0 = off; e.g. 0.05 for 5% of "
-                        "validation reals called fake).")
+
+
+def constant_problem(constant, value):
+    """What is wrong with `value` for a declared constant ("" when nothing)."""
+    if constant.choices and value not in constant.choices:
+        return f"is not one of {', '.join(map(str, constant.choices))}"
+    limits = [(constant.at_least, "at least", lambda bound: value >= bound),
+              (constant.above, "above", lambda bound: value > bound),
+              (constant.at_most, "at most", lambda bound: value <= bound),
+              (constant.below, "below", lambda bound: value < bound)]
+    limits = [(bound, words, holds) for bound, words, holds in limits if bound is not None]
+    if not all(holds(bound) for bound, _, holds in limits):
+        return "must be " + " and ".join(f"{words} {bound:g}" for bound, words, _ in limits)
+    if constant.multiple_of and value % constant.multiple_of:
+        return f"must be a multiple of {constant.multiple_of}"
+    return ""
 
 
 def print_block_importance(model, top=5):
@@ -3052,10 +3107,6 @@ def configure_determinism(deterministic):
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-ARCHITECTURE_CONSTANTS = ["CLIP_MODEL", "BLOCKS", "PROJ_DIM", "NPROJ", "SPEC_CHANNELS", "FUSION_DIM", "FUSION_HEADS",
-                          "USE_SPECTRAL", "USE_TIE", "FUSION", "SPECTRAL_INPUT", "PATCH_BLOCK", "CROP_SIZE"]
 
 
 def save_last(path, model, optimizer, scaler, epoch, step, history, best_metrics, sums, best_calibration=None):
@@ -3618,16 +3669,6 @@ def option_name(constant):
     return "--" + constant.lower().replace("_", "-")
 
 
-def constant_help():
-    """The comment after each constant at the top of this file, used as its --help text."""
-    helps = {}
-    for line in Path(__file__).read_text(encoding="utf-8").splitlines():
-        match = re.match(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2)
-    return helps
-
-
 def build_train_parser():
     """Training options: one per constant at the top of the file, plus --demo and --debug."""
     parser = OneLineErrorParser(
@@ -3636,11 +3677,9 @@ def build_train_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="offline demo: generated data, tiny random backbone")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    helps = constant_help()
-    config = default_config()
-    for name in CONFIG_NAMES:
-        default = getattr(config, name)
-        text = f"{helps.get(name, '')} (default: {default!r})".replace("%", "%%")
+    for name, constant in CONSTANTS.items():
+        default = constant.default
+        text = f"{constant.help} (default: {default!r})".replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(option_name(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
         else:
