@@ -90,6 +90,7 @@ PATCH_BLOCK = 12  # block whose patch tokens feed the spectral branch when SPECT
 XI = 0.2  # weight of SupCon; BCE is summed over the batch as in RINE, so at RINE's batch size 128 its grid {0.1,0.2,0.4,0.8} means the same; 0 = no SupCon
 SUPCON_TEMPERATURE = 0.07  # SupCon temperature (Khosla et al.); 0.05-0.2
 LR = 1e-3  # Adam learning rate (RINE: 1e-3)
+LR_DROP_EPOCHS = ""  # epochs (1-based) at whose start LR is divided by 10, as RINE's epochs_reduce_lr: "6,11" = LR/10 in epochs 6-10, LR/100 from 11 (RINE's scripts); "" = constant LR
 WEIGHT_DECAY = 0.0  # Adam weight decay
 EPOCHS = 1  # passes over the training set (RINE found 1 best; try 3-5 when the spectral branch is on)
 BATCH_SIZE = 128  # images per step (RINE: 128; lower it if you run out of GPU memory)
@@ -99,11 +100,12 @@ TARGET_FPR = 0.0  # false-positive rate on validation reals for the stored thres
 
 # --- augmentation (training only; evaluation uses a centre crop) ---
 CROP_SIZE = 224  # crop side in pixels; images are cropped, never resized (resizing erases artefacts)
+TRAIN_RECIPE = "grid"  # "grid": crops on the 8-pixel grid, JPEG quality ~ U{JPEG_QUALITY_MIN..100} (the spectral branch's DCT needs the grid); "rine": RINE's data_augment, crops anywhere, JPEG quality JPEG_QUALITY_MIN or 100
 TEST_CROP = "grid"  # "grid": test crops on the 8-pixel grid with mirror padding, as in training; "rine": torchvision's CenterCrop with zero padding, RINE's own (import-rine sets it)
 BLUR_PROB = 0.5  # probability of Gaussian blur
 BLUR_SIGMA_MAX = 3.0  # blur sigma ~ U[0, BLUR_SIGMA_MAX]
 JPEG_PROB = 0.5  # probability of JPEG re-encoding
-JPEG_QUALITY_MIN = 30  # JPEG quality ~ U{JPEG_QUALITY_MIN..100}
+JPEG_QUALITY_MIN = 30  # lowest JPEG quality: any of JPEG_QUALITY_MIN..100 ("grid"), or JPEG_QUALITY_MIN or 100 ("rine")
 
 # --- machine ---
 DEVICE = "auto"  # "auto" (cuda if available), "cuda", "cuda:1" or "cpu"
@@ -133,6 +135,7 @@ CHOICES = {
     "SPECTRAL_INPUT": ("dct", "clip_patches"),
     "AMP": ("auto", "bf16", "fp16", "off"),
     "TEST_CROP": ("grid", "rine"),
+    "TRAIN_RECIPE": ("grid", "rine"),
 }
 
 # The demo changes these (options given on the command line still win).
@@ -1028,18 +1031,24 @@ def on_grid(value, step=GRID):
     return value // step * step
 
 
-def crop_origins(length, crop):
-    """Every crop start on the 8-pixel grid that keeps the crop inside `length` (>= crop) pixels."""
-    return range(0, length - crop + 1, GRID)
+def crop_origins(length, crop, step=GRID):
+    """Every crop start on the `step`-pixel grid (1: any pixel) that keeps the crop inside `length` (>= crop) pixels."""
+    return range(0, length - crop + 1, step)
 
 
 class TrainAugment:
     """Training view of one image, every random choice drawn from `generator`, so a seed fixes the view.
 
-    Gaussian blur (p, sigma~U[0,max]) and JPEG re-encoding (p, quality~U{min..100}) as
-    CNNDetection and RINE do; a random crop whose origin is on the image's 8-pixel grid, as
-    the test crops are (smaller images are reflect-padded first, never resized); a horizontal
-    flip. -> uint8 array [3,crop,crop].
+    draw() makes the random choices, apply() carries them out, so the choices can be inspected
+    without encoding a JPEG. Gaussian blur (p, sigma~U[0,max]), JPEG re-encoding (p), a random crop
+    (smaller images are mirror-padded first, never resized) and a horizontal flip -> uint8 array
+    [3,crop,crop]. The recipe (TRAIN_RECIPE) decides the rest:
+    - "grid": JPEG quality ~ U{min..100} as CNNDetection draws it; the crop's origin is on the
+      image's 8-pixel grid, as the test crops are, so the spectral branch's 8x8 DCT blocks sit on
+      the image's (and JPEG's) blocks in training and testing alike.
+    - "rine": RINE's data_augment: JPEG quality min or 100 (RINE's sample_discrete([30, 100])); the
+      crop at any pixel, as torchvision's RandomCrop. RINE also picks OpenCV or Pillow to encode;
+      both give byte-identical JPEGs (benchmarks/jpeg_encoders.py), so Pillow alone is used.
 
     Blur and JPEG run on a window around the crop, not the whole image, so a large image costs
     little more than its decoding: the window reaches `margin` pixels beyond the crop (more
@@ -1050,43 +1059,58 @@ class TrainAugment:
     """
 
     def __init__(self, cfg, whole_image=False):
-        self.crop = cfg.CROP_SIZE
+        self.crop, self.recipe = cfg.CROP_SIZE, cfg.TRAIN_RECIPE
         self.blur_prob, self.blur_sigma_max = cfg.BLUR_PROB, cfg.BLUR_SIGMA_MAX
         self.jpeg_prob, self.jpeg_quality_min = cfg.JPEG_PROB, cfg.JPEG_QUALITY_MIN
         blur_reach = math.ceil(3 * self.blur_sigma_max) + 1
         self.margin = None if whole_image else JPEG_MCU * math.ceil((blur_reach + JPEG_MCU + 2) / JPEG_MCU)
 
     def __call__(self, image, generator):
+        return self.apply(image, self.draw(image.width, image.height, generator))
+
+    def draw(self, width, height, generator):
+        """The random choices for a width x height image: sigma (0 = no blur), quality (None = no JPEG),
+        the crop's left and top in the image (negative on a mirror-padded side) and flip."""
         def uniform():
             return torch.rand(1, generator=generator).item()
 
         def pick(choices):
             return choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
 
+        # Blur and JPEG are decided independently, each with its own probability, as in RINE.
         sigma = uniform() * self.blur_sigma_max if uniform() < self.blur_prob else 0.0
-        quality = torch.randint(self.jpeg_quality_min, 101, (1,), generator=generator).item() if uniform() < self.jpeg_prob else None
+        quality = None
+        if uniform() < self.jpeg_prob:
+            if self.recipe == "rine":
+                quality = pick((self.jpeg_quality_min, 100))
+            else:
+                quality = torch.randint(self.jpeg_quality_min, 101, (1,), generator=generator).item()
         # The crop, in the coordinates of the image padded to at least crop x crop.
-        pad_left, pad_top = PadToAtLeast.left_top(self.crop, image.width, image.height)
-        top = pick(crop_origins(max(image.height, self.crop), self.crop)) - pad_top
-        left = pick(crop_origins(max(image.width, self.crop), self.crop)) - pad_left
-        flip = uniform() < 0.5
+        step = 1 if self.recipe == "rine" else GRID
+        pad_left, pad_top = PadToAtLeast.left_top(self.crop, width, height)
+        top = pick(crop_origins(max(height, self.crop), self.crop, step)) - pad_top
+        left = pick(crop_origins(max(width, self.crop), self.crop, step)) - pad_left
+        return SimpleNamespace(sigma=sigma, quality=quality, left=left, top=top, flip=uniform() < 0.5)
 
+    def apply(self, image, view):
+        """Blur, re-encode, crop and flip `image` as `view` (from draw) says."""
+        left, top = view.left, view.top
         window = (0, 0, image.width, image.height)
         if self.margin is not None:
             window = (max(0, on_grid(left - self.margin, JPEG_MCU)), max(0, on_grid(top - self.margin, JPEG_MCU)),
                       min(image.width, left + self.crop + self.margin), min(image.height, top + self.crop + self.margin))
             if window != (0, 0, image.width, image.height):
                 image = image.crop(window)
-        if sigma > 0:
-            image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
-        if quality is not None:
-            image = jpeg_reencode(image, quality)
+        if view.sigma > 0:
+            image = image.filter(ImageFilter.GaussianBlur(radius=view.sigma))
+        if view.quality is not None:
+            image = jpeg_reencode(image, view.quality)
         # A window narrower than the crop is the whole image on that side, padded as the whole image would be.
         image = PadToAtLeast(self.crop)(image)
         window_left, window_top = PadToAtLeast.left_top(self.crop, window[2] - window[0], window[3] - window[1])
         x, y = left - window[0] + window_left, top - window[1] + window_top
         pixels = np.asarray(image.crop((x, y, x + self.crop, y + self.crop)), dtype=np.uint8)
-        if flip:  # keeps the grid: the crop side is a multiple of 8
+        if view.flip:  # keeps the grid: the crop side is a multiple of 8
             pixels = pixels[:, ::-1]
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
@@ -1122,11 +1146,13 @@ class FixedPerturbation:
 
 
 class PadToAtLeast:
-    """Reflect-pad so both sides are at least `size`; larger images are left alone.
+    """Mirror-pad so both sides are at least `size`; larger images are left alone.
 
     A mirror image of the picture, not a black border: a border that only small images have
     (e.g. 128 px BigGAN fakes next to large real photos) would tell the detector the class.
     The left and top pads are multiples of 8, so the image's 8-pixel grid stays the crop's grid.
+    The mirror repeats the edge pixel (numpy's "symmetric"), so each padded 8x8 block is the mirror
+    of one image block; "reflect" leaves the edge pixel out, and its blocks would straddle two.
     """
 
     def __init__(self, size):
@@ -1142,7 +1168,7 @@ class PadToAtLeast:
         if not (pad_w or pad_h):
             return image
         left, top = self.left_top(self.size, image.width, image.height)
-        pixels = np.pad(np.asarray(image), ((top, pad_h - top), (left, pad_w - left), (0, 0)), mode="reflect")
+        pixels = np.pad(np.asarray(image), ((top, pad_h - top), (left, pad_w - left), (0, 0)), mode="symmetric")
         return Image.fromarray(pixels)
 
 
@@ -1152,7 +1178,7 @@ def to_uint8_tensor(image):
 
 
 class CentreCrop:
-    """Reflect-pad to at least `size`, then the central size x size window, its origin rounded
+    """Mirror-pad to at least `size`, then the central size x size window, its origin rounded
     down to the 8-pixel grid (so the DCT's blocks sit on the image's, as in training)."""
 
     def __init__(self, size):
@@ -1497,7 +1523,7 @@ def prepare_splits(cfg):
 # Feature cache: the frozen backbone's tokens, computed once per (image, view)
 # =====================================================================================
 
-CACHE_FORMAT = 2  # bumped when an entry's meaning changes (2: crops on the 8-pixel grid, reflect padding)
+CACHE_FORMAT = 3  # bumped when an entry's meaning changes (2: crops on the 8-pixel grid; 3: symmetric padding, TRAIN_RECIPE)
 EMPTY, FILLED, UNREADABLE = 0, 1, 2
 _TOKEN_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 as raw bits
 
@@ -1630,8 +1656,8 @@ def backbone_fingerprint(backbone):
 def feature_cache_folder(split_name, items, cfg, backbone, n_views):
     """The cache folder of one split, named by a digest of everything its entries depend on (reads every file's size and time)."""
     digest = hashlib.sha256(backbone_fingerprint(backbone).encode())
-    constants = {name: getattr(cfg, name) for name in ("CROP_SIZE", "BLUR_PROB", "BLUR_SIGMA_MAX", "JPEG_PROB",
-                                                         "JPEG_QUALITY_MIN", "SEED")}
+    constants = {name: getattr(cfg, name) for name in ("CROP_SIZE", "TRAIN_RECIPE", "BLUR_PROB", "BLUR_SIGMA_MAX",
+                                                         "JPEG_PROB", "JPEG_QUALITY_MIN", "SEED")}
     digest.update(json.dumps([CACHE_FORMAT, split_name, n_views, constants], sort_keys=True).encode())
     for path, label, _ in items:
         stat = os.stat(path)
@@ -2937,6 +2963,23 @@ def make_optimizer(model, cfg):
     return torch.optim.Adam(model.trainable_parameters(), lr=cfg.LR, weight_decay=cfg.WEIGHT_DECAY, fused=True)
 
 
+def lr_drop_epochs(spec):
+    """LR_DROP_EPOCHS "6,11" -> [6, 11] (1-based epochs); "" -> []."""
+    try:
+        epochs = sorted(int(part) for part in spec.split(",") if part.strip())
+    except ValueError:
+        epochs = [0]
+    if epochs and epochs[0] < 1:
+        raise UserError(f"LR_DROP_EPOCHS={spec!r} must list epochs from 1 up, e.g. '6,11' (or '' for a constant LR).")
+    return epochs
+
+
+def learning_rate(cfg, epoch):
+    """The LR of `epoch` (1-based): LR divided by 10 for each listed LR_DROP_EPOCHS epoch up to this one,
+    as RINE's epochs_reduce_lr (with "6,11": LR in epochs 1-5, LR/10 in 6-10, LR/100 from 11)."""
+    return cfg.LR / 10 ** sum(1 for drop in lr_drop_epochs(cfg.LR_DROP_EPOCHS) if drop <= epoch)
+
+
 def validate_config(cfg):
     """Refuse impossible constant values with a one-line UserError before anything is loaded."""
     for name, allowed in CHOICES.items():
@@ -2954,6 +2997,7 @@ def validate_config(cfg):
         raise UserError("Need 0 < LR < 3e38 (a float32), XI >= 0, 0 <= DROPOUT < 1 and 0 < VAL_FRACTION < 1.")
     if cfg.CROP_SIZE % 8:
         raise UserError(f"CROP_SIZE={cfg.CROP_SIZE} must be a multiple of 8 (the DCT works on 8x8 blocks).")
+    lr_drop_epochs(cfg.LR_DROP_EPOCHS)
     if not 0 <= cfg.TARGET_FPR < 1:
         raise UserError(f"TARGET_FPR={cfg.TARGET_FPR} must be at least 0 and below 1 (0 = off; e.g. 0.05 for 5% of "
                         "validation reals called fake).")
@@ -3318,6 +3362,12 @@ def run_epoch(run, epoch, stop):
     if epoch != run.start_epoch or run.resumed_sums is None:
         run.sums = torch.zeros(3, device=device)  # bce, supcon, images: summed on the device, read at log steps
     run.sampler.set_epoch(epoch, start_batch=step)
+    # Set from the epoch at every start, so a resumed run has the same LR as an uninterrupted one.
+    lr = learning_rate(cfg, epoch)
+    if lr != run.optimizer.param_groups[0]["lr"] and run.rank == 0:
+        print(f"epoch {epoch}: learning rate {lr:g}")
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     run.model.train()
     first_nonfinite_step = torch.full((), -1, device=device)
     progress = tqdm(run.train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step,
@@ -3813,7 +3863,7 @@ def run_check_data(args):
     print(format_table(["folder", "real", "fake"], count_table(items)))
     if items:
         rows, found = bias_report(items, [result[4] for result in results[:len(items)]], args.crop_size)
-        print(f"\nbias report (readable images; 'under crop': a side under the {args.crop_size} px crop, reflect-padded):")
+        print(f"\nbias report (readable images; 'under crop': a side under the {args.crop_size} px crop, mirror-padded):")
         print(format_table(BIAS_COLUMNS, rows))
         print(f"possible shortcuts (real and fake differ): {len(found)}")
         for line in found:

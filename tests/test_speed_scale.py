@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
-from conftest import SCRIPT, run_script, write_demo_tree
+from conftest import SCRIPT, run_script, small_config, write_demo_tree
 
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
              "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "bf16"]
@@ -253,6 +253,19 @@ def test_a_changed_image_opens_a_new_cache(cache_runs):
     lines = cache_lines(result.stdout)
     assert str(new[0]) in lines["train"] and "up to" in lines["train"], lines
     assert lines["val"].endswith("100% filled"), lines
+
+
+def test_the_cache_key_follows_the_training_recipe_but_not_the_learning_rate(tmp_path, tiny_backbone):
+    # The recipe decides the cached crops (on the grid or anywhere); LR and its schedule only the head.
+    items, _ = rps.scan_image_folder(write_demo_tree(tmp_path / "data", {"train": {"nearest": 2}}) / "train")
+    cfg = small_config(tiny_backbone, CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    backbone = rps.RINEPlusSSCA(cfg).backbone
+
+    def folder(**change):
+        return rps.feature_cache_folder("train", items, small_config(tiny_backbone, **{**vars(cfg), **change}), backbone, 2)
+
+    assert folder(TRAIN_RECIPE="rine") != folder(TRAIN_RECIPE="grid") == folder()
+    assert folder(LR_DROP_EPOCHS="6,11") == folder(LR=1e-4) == folder()
 
 
 # =========================================================================== 7. torchrun
