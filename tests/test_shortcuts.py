@@ -372,3 +372,12 @@ def test_augment_cost_and_dct_scale_benchmarks_print_their_figures(tmp_path):
     shares = {line.split(":")[0].strip(): float(line.split("for ")[1].split("%")[0])
               for line in result.stdout.splitlines() if "|c| < 0.1" in line}
     assert set(shares) == {"CLIP-normalised", "0-255"} and shares["0-255"] < shares["CLIP-normalised"]
+
+
+def test_jpeg_encoders_benchmark_compares_opencv_and_pillow_per_image_and_quality(tmp_path):
+    pytest.importorskip("cv2")  # OpenCV is installed only for this measurement
+    Image.fromarray(rps.make_demo_image(np.random.default_rng(0), True, "bilinear", 64)).save(tmp_path / "a.png")
+    result = run_benchmark("jpeg_encoders.py", ["--images", tmp_path / "a.png", "--qualities", "30", "100"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("a.png")]
+    assert [row[1] for row in rows] == ["30", "100"] and all(row[2] in ("True", "False") for row in rows), result.stdout
