@@ -126,6 +126,8 @@ XI = declare(0.2, RUN, "weight of SupCon; BCE is summed over the batch as in RIN
              "{0.1,0.2,0.4,0.8} means the same; 0 = no SupCon", at_least=0)
 SUPCON_TEMPERATURE = declare(0.07, RUN, "SupCon temperature (Khosla et al.); 0.05-0.2", above=0)
 LR = declare(1e-3, RUN, "Adam learning rate (RINE: 1e-3)", above=0, below=3e38)  # 3e38: the largest float32
+LR_DROP_EPOCHS = declare("", RUN, 'epochs (1-based) at whose start LR is divided by 10, as RINE\'s epochs_reduce_lr: '
+                         '"6,11" = LR/10 in epochs 6-10, LR/100 from 11 (RINE\'s scripts); "" = constant LR')
 WEIGHT_DECAY = declare(0.0, RUN, "Adam weight decay", at_least=0)
 EPOCHS = declare(1, RUN, "passes over the training set (RINE found 1 best; try 3-5 when the spectral branch is on)",
                  at_least=1)
@@ -139,12 +141,16 @@ TARGET_FPR = declare(0.0, RUN, "false-positive rate on validation reals for the 
 # --- crops and augmentation (what the images look like when they reach the model) ---
 CROP_SIZE = declare(224, (ARCHITECTURE, INPUTS), "crop side in pixels; images are cropped, never resized (resizing "
                     "erases artefacts)", at_least=8, multiple_of=8)  # the DCT works on 8x8 blocks
+TRAIN_RECIPE = declare("grid", INPUTS, '"grid": crops on the 8-pixel grid, JPEG quality ~ U{JPEG_QUALITY_MIN..100} '
+                       '(the spectral branch\'s DCT needs the grid); "rine": RINE\'s data_augment, crops anywhere, JPEG '
+                       'quality JPEG_QUALITY_MIN or 100', choices=("grid", "rine"))
 TEST_CROP = declare("grid", INPUTS, '"grid": test crops on the 8-pixel grid with mirror padding, as in training; "rine": '
                     "torchvision's CenterCrop with zero padding, RINE's own (import-rine sets it)", choices=("grid", "rine"))
 BLUR_PROB = declare(0.5, INPUTS, "probability of Gaussian blur", at_least=0, at_most=1)
 BLUR_SIGMA_MAX = declare(3.0, INPUTS, "blur sigma ~ U[0, BLUR_SIGMA_MAX]", at_least=0)
 JPEG_PROB = declare(0.5, INPUTS, "probability of JPEG re-encoding", at_least=0, at_most=1)
-JPEG_QUALITY_MIN = declare(30, INPUTS, "JPEG quality ~ U{JPEG_QUALITY_MIN..100}", at_least=1, at_most=100)
+JPEG_QUALITY_MIN = declare(30, INPUTS, 'lowest JPEG quality: any of JPEG_QUALITY_MIN..100 ("grid"), or JPEG_QUALITY_MIN '
+                           'or 100 ("rine")', at_least=1, at_most=100)
 
 # --- machine ---
 DEVICE = declare("auto", RUN, '"auto" (cuda if available), "cuda", "cuda:1" or "cpu"')
@@ -1081,18 +1087,36 @@ def on_grid(value, step=GRID):
     return value // step * step
 
 
-def crop_origins(length, crop):
-    """Every crop start on the 8-pixel grid that keeps the crop inside `length` (>= crop) pixels."""
-    return range(0, length - crop + 1, GRID)
+def crop_origins(length, crop, step=GRID):
+    """Every crop start on the `step`-pixel grid (1: any pixel) that keeps the crop inside `length` (>= crop) pixels."""
+    return range(0, length - crop + 1, step)
+
+
+def gaussian_blur_as_rine(image, sigma):
+    """RINE's blur: SciPy's gaussian_filter on each uint8 channel, written back into uint8. (Pillow's
+    GaussianBlur, the grid recipe's, approximates a Gaussian with box blurs: about 1 grey level apart.)"""
+    from scipy.ndimage import gaussian_filter
+
+    pixels = np.array(image.convert("RGB"))
+    for channel in range(3):
+        gaussian_filter(pixels[:, :, channel], output=pixels[:, :, channel], sigma=sigma)
+    return Image.fromarray(pixels)
 
 
 class TrainAugment:
     """Training view of one image, every random choice drawn from `generator`, so a seed fixes the view.
 
-    Gaussian blur (p, sigma~U[0,max]) and JPEG re-encoding (p, quality~U{min..100}) as
-    CNNDetection and RINE do; a random crop whose origin is on the image's 8-pixel grid, as
-    the test crops are (smaller images are reflect-padded first, never resized); a horizontal
-    flip. -> uint8 array [3,crop,crop].
+    draw() makes the random choices, apply() carries them out, so the choices can be inspected
+    without encoding a JPEG. Gaussian blur (p, sigma~U[0,max]), JPEG re-encoding (p), a random crop
+    (smaller images are mirror-padded first, never resized) and a horizontal flip -> uint8 array
+    [3,crop,crop]. The recipe (TRAIN_RECIPE) decides the rest:
+    - "grid": JPEG quality ~ U{min..100} as CNNDetection draws it; the crop's origin is on the
+      image's 8-pixel grid, as the test crops are, so the spectral branch's 8x8 DCT blocks sit on
+      the image's (and JPEG's) blocks in training and testing alike.
+    - "rine": RINE's data_augment: SciPy's gaussian_filter per channel on the uint8 pixels, as RINE
+      blurs; JPEG quality min or 100 (RINE's sample_discrete([30, 100])); the crop at any pixel, as
+      torchvision's RandomCrop. RINE also picks OpenCV or Pillow to encode; both give byte-identical
+      JPEGs (benchmarks/jpeg_encoders.py), so Pillow alone is used.
 
     Blur and JPEG run on a window around the crop, not the whole image, so a large image costs
     little more than its decoding: the window reaches `margin` pixels beyond the crop (more
@@ -1103,43 +1127,59 @@ class TrainAugment:
     """
 
     def __init__(self, cfg, whole_image=False):
-        self.crop = cfg.CROP_SIZE
+        self.crop, self.recipe = cfg.CROP_SIZE, cfg.TRAIN_RECIPE
         self.blur_prob, self.blur_sigma_max = cfg.BLUR_PROB, cfg.BLUR_SIGMA_MAX
         self.jpeg_prob, self.jpeg_quality_min = cfg.JPEG_PROB, cfg.JPEG_QUALITY_MIN
-        blur_reach = math.ceil(3 * self.blur_sigma_max) + 1
+        blur_reach = math.ceil(4 * self.blur_sigma_max) + 1  # SciPy's kernel reaches 4 sigma, Pillow's less
         self.margin = None if whole_image else JPEG_MCU * math.ceil((blur_reach + JPEG_MCU + 2) / JPEG_MCU)
 
     def __call__(self, image, generator):
+        return self.apply(image, self.draw(image.width, image.height, generator))
+
+    def draw(self, width, height, generator):
+        """The random choices for a width x height image: sigma (0 = no blur), quality (None = no JPEG),
+        the crop's left and top in the image (negative on a mirror-padded side) and flip."""
         def uniform():
             return torch.rand(1, generator=generator).item()
 
         def pick(choices):
             return choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
 
+        # Blur and JPEG are decided independently, each with its own probability, as in RINE.
         sigma = uniform() * self.blur_sigma_max if uniform() < self.blur_prob else 0.0
-        quality = torch.randint(self.jpeg_quality_min, 101, (1,), generator=generator).item() if uniform() < self.jpeg_prob else None
+        quality = None
+        if uniform() < self.jpeg_prob:
+            if self.recipe == "rine":
+                quality = pick((self.jpeg_quality_min, 100))
+            else:
+                quality = torch.randint(self.jpeg_quality_min, 101, (1,), generator=generator).item()
         # The crop, in the coordinates of the image padded to at least crop x crop.
-        pad_left, pad_top = PadToAtLeast.left_top(self.crop, image.width, image.height)
-        top = pick(crop_origins(max(image.height, self.crop), self.crop)) - pad_top
-        left = pick(crop_origins(max(image.width, self.crop), self.crop)) - pad_left
-        flip = uniform() < 0.5
+        step = 1 if self.recipe == "rine" else GRID
+        pad_left, pad_top = PadToAtLeast.left_top(self.crop, width, height)
+        top = pick(crop_origins(max(height, self.crop), self.crop, step)) - pad_top
+        left = pick(crop_origins(max(width, self.crop), self.crop, step)) - pad_left
+        return SimpleNamespace(sigma=sigma, quality=quality, left=left, top=top, flip=uniform() < 0.5)
 
+    def apply(self, image, view):
+        """Blur, re-encode, crop and flip `image` as `view` (from draw) says."""
+        left, top = view.left, view.top
         window = (0, 0, image.width, image.height)
         if self.margin is not None:
             window = (max(0, on_grid(left - self.margin, JPEG_MCU)), max(0, on_grid(top - self.margin, JPEG_MCU)),
                       min(image.width, left + self.crop + self.margin), min(image.height, top + self.crop + self.margin))
             if window != (0, 0, image.width, image.height):
                 image = image.crop(window)
-        if sigma > 0:
-            image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
-        if quality is not None:
-            image = jpeg_reencode(image, quality)
+        if view.sigma > 0:
+            image = gaussian_blur_as_rine(image, view.sigma) if self.recipe == "rine" else \
+                image.filter(ImageFilter.GaussianBlur(radius=view.sigma))
+        if view.quality is not None:
+            image = jpeg_reencode(image, view.quality)
         # A window narrower than the crop is the whole image on that side, padded as the whole image would be.
         image = PadToAtLeast(self.crop)(image)
         window_left, window_top = PadToAtLeast.left_top(self.crop, window[2] - window[0], window[3] - window[1])
         x, y = left - window[0] + window_left, top - window[1] + window_top
         pixels = np.asarray(image.crop((x, y, x + self.crop, y + self.crop)), dtype=np.uint8)
-        if flip:  # keeps the grid: the crop side is a multiple of 8
+        if view.flip:  # keeps the grid: the crop side is a multiple of 8
             pixels = pixels[:, ::-1]
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
@@ -1175,11 +1215,13 @@ class FixedPerturbation:
 
 
 class PadToAtLeast:
-    """Reflect-pad so both sides are at least `size`; larger images are left alone.
+    """Mirror-pad so both sides are at least `size`; larger images are left alone.
 
     A mirror image of the picture, not a black border: a border that only small images have
     (e.g. 128 px BigGAN fakes next to large real photos) would tell the detector the class.
     The left and top pads are multiples of 8, so the image's 8-pixel grid stays the crop's grid.
+    The mirror repeats the edge pixel (numpy's "symmetric"), so each padded 8x8 block is the mirror
+    of one image block; "reflect" leaves the edge pixel out, and its blocks would straddle two.
     """
 
     def __init__(self, size):
@@ -1195,7 +1237,7 @@ class PadToAtLeast:
         if not (pad_w or pad_h):
             return image
         left, top = self.left_top(self.size, image.width, image.height)
-        pixels = np.pad(np.asarray(image), ((top, pad_h - top), (left, pad_w - left), (0, 0)), mode="reflect")
+        pixels = np.pad(np.asarray(image), ((top, pad_h - top), (left, pad_w - left), (0, 0)), mode="symmetric")
         return Image.fromarray(pixels)
 
 
@@ -1205,7 +1247,7 @@ def to_uint8_tensor(image):
 
 
 class CentreCrop:
-    """Reflect-pad to at least `size`, then the central size x size window, its origin rounded
+    """Mirror-pad to at least `size`, then the central size x size window, its origin rounded
     down to the 8-pixel grid (so the DCT's blocks sit on the image's, as in training)."""
 
     def __init__(self, size):
@@ -1550,7 +1592,7 @@ def prepare_splits(cfg):
 # Feature cache: the frozen backbone's tokens, computed once per (image, view)
 # =====================================================================================
 
-CACHE_FORMAT = 2  # bumped when an entry's meaning changes (2: crops on the 8-pixel grid, reflect padding)
+CACHE_FORMAT = 3  # bumped when an entry's meaning changes (2: crops on the 8-pixel grid; 3: symmetric padding, TRAIN_RECIPE)
 EMPTY, FILLED, UNREADABLE = 0, 1, 2
 _TOKEN_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 as raw bits
 
@@ -3053,6 +3095,23 @@ def make_optimizer(model, cfg):
     return torch.optim.Adam(model.trainable_parameters(), lr=cfg.LR, weight_decay=cfg.WEIGHT_DECAY, fused=True)
 
 
+def lr_drop_epochs(spec):
+    """LR_DROP_EPOCHS "6,11" -> [6, 11] (1-based epochs); "" -> []."""
+    try:
+        epochs = sorted(int(part) for part in spec.split(",") if part.strip())
+    except ValueError:
+        epochs = [0]
+    if epochs and epochs[0] < 1:
+        raise UserError(f"LR_DROP_EPOCHS={spec!r} must list epochs from 1 up, e.g. '6,11' (or '' for a constant LR).")
+    return epochs
+
+
+def learning_rate(cfg, epoch):
+    """The LR of `epoch` (1-based): LR divided by 10 for each listed LR_DROP_EPOCHS epoch up to this one,
+    as RINE's epochs_reduce_lr (with "6,11": LR in epochs 1-5, LR/10 in 6-10, LR/100 from 11)."""
+    return cfg.LR / 10 ** sum(1 for drop in lr_drop_epochs(cfg.LR_DROP_EPOCHS) if drop <= epoch)
+
+
 def validate_config(cfg):
     """Refuse impossible constant values with a one-line UserError before anything is loaded."""
     for name, constant in CONSTANTS.items():
@@ -3061,6 +3120,7 @@ def validate_config(cfg):
             raise UserError(f"{name}={getattr(cfg, name)!r} {problem}. {name}: {constant.help}.")
     if cfg.FUSION_DIM % cfg.FUSION_HEADS:
         raise UserError(f"FUSION_HEADS={cfg.FUSION_HEADS} must divide FUSION_DIM={cfg.FUSION_DIM}.")
+    lr_drop_epochs(cfg.LR_DROP_EPOCHS)
 
 
 def constant_problem(constant, value):
@@ -3421,6 +3481,10 @@ class TrainingRun:
         cfg, backbone = self.cfg, self.model.backbone
         if not cfg.CACHE_FEATURES:
             return None, None
+        if cfg.EPOCHS > cfg.CACHE_VIEWS:
+            print(f"note: feature cache: {cfg.EPOCHS} epochs over {cfg.CACHE_VIEWS} cached views per image, so epochs "
+                  f"{cfg.CACHE_VIEWS + 1}.. see the views of epochs 1.. again, where a run without the cache draws new "
+                  f"ones; --cache-views {cfg.EPOCHS} trains what it trains.")
         train_folder, val_folder = on_rank_zero(lambda: (
             feature_cache_folder("train", train_items, cfg, backbone, cfg.CACHE_VIEWS),
             feature_cache_folder("val", val_items, cfg, backbone, 1)), self.rank, self.control_group)
@@ -3476,6 +3540,12 @@ def run_epoch(run, epoch, stop):
     if epoch != run.start_epoch or run.resumed_sums is None:
         run.sums = torch.zeros(3, device=device)  # bce, supcon, images: summed on the device, read at log steps
     run.sampler.set_epoch(epoch, start_batch=step)
+    # Set from the epoch at every start, so a resumed run has the same LR as an uninterrupted one.
+    lr = learning_rate(cfg, epoch)
+    if lr != run.optimizer.param_groups[0]["lr"] and run.rank == 0:
+        print(f"epoch {epoch}: learning rate {lr:g}")
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     run.model.train()
     first_nonfinite_step = torch.full((), -1, device=device)
     progress = tqdm(run.train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step,
@@ -3966,7 +4036,7 @@ def run_check_data(args):
     print(format_table(["folder", "real", "fake"], count_table(items)))
     if items:
         rows, found = bias_report(items, [result[4] for result in results[:len(items)]], args.crop_size)
-        print(f"\nbias report (readable images; 'under crop': a side under the {args.crop_size} px crop, reflect-padded):")
+        print(f"\nbias report (readable images; 'under crop': a side under the {args.crop_size} px crop, mirror-padded):")
         print(format_table(BIAS_COLUMNS, rows))
         print(f"possible shortcuts (real and fake differ): {len(found)}")
         for line in found:

@@ -242,6 +242,36 @@ def test_a_second_stop_signal_stops_at_once(first, second):
     assert signal.getsignal(signal.SIGTERM) != stop._handle  # handlers restored
 
 
+def test_learning_rate_drops_tenfold_from_each_listed_epoch_as_rines_epochs_reduce_lr(make_cfg):
+    # RINE: `if epoch + 1 in epochs_reduce_lr: lr /= 10` at the start of each (0-based) epoch, with [6, 11].
+    cfg = make_cfg(LR=1e-3, LR_DROP_EPOCHS="6,11")
+    rates = [rps.learning_rate(cfg, epoch) for epoch in range(1, 14)]
+    assert rates == pytest.approx([1e-3] * 5 + [1e-4] * 5 + [1e-5] * 3, rel=1e-12)
+    assert rps.learning_rate(make_cfg(LR=1e-3, LR_DROP_EPOCHS=""), 20) == 1e-3
+    for bad in ("0,3", "six", "-1"):
+        with pytest.raises(rps.UserError, match="LR_DROP_EPOCHS"):
+            rps.validate_config(make_cfg(LR_DROP_EPOCHS=bad))
+
+
+def test_training_uses_the_dropped_learning_rate_and_resume_keeps_it(tree, tiny_backbone, tmp_path, monkeypatch):
+    seen = []
+    step = rps.training_step
+
+    def recording_step(model, step_model, batch, optimizer, *args, **kwargs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return step(model, step_model, batch, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(rps, "training_step", recording_step)
+    common = dict(DATA_DIR=str(tree), LR=1e-3, LR_DROP_EPOCHS="2,3")
+    rps.train(small_config(tiny_backbone, CHECKPOINT_DIR=str(tmp_path / "whole"), EPOCHS=3, **common))
+    whole, steps = list(seen), len(seen) // 3
+    assert steps >= 1 and whole == pytest.approx([1e-3] * steps + [1e-4] * steps + [1e-5] * steps, rel=1e-12)
+    seen.clear()  # the same run stopped after epoch 1, then resumed: the optimizer's saved LR is epoch 1's
+    rps.train(small_config(tiny_backbone, CHECKPOINT_DIR=str(tmp_path / "split"), EPOCHS=1, **common))
+    rps.train(small_config(tiny_backbone, CHECKPOINT_DIR=str(tmp_path / "split"), EPOCHS=3, RESUME=True, **common))
+    assert seen == whole
+
+
 # =========================================================================== 5. training view and epoch order
 
 def pil_jpeg(image, quality):

@@ -111,6 +111,31 @@ def test_a_very_small_image_is_padded_without_black():
     assert (view[0] == 120).all() and (view[1] == 30).all() and (view[2] == 200).all()
 
 
+def image_blocks_and_mirrors(pixels):
+    """Every 8x8 block of an [H,W,3] image on its own grid, as it is and mirrored in x, y or both (as bytes)."""
+    blocks = set()
+    for y in range(0, pixels.shape[0] - 7, 8):
+        for x in range(0, pixels.shape[1] - 7, 8):
+            block = pixels[y:y + 8, x:x + 8]
+            blocks |= {block.tobytes(), block[::-1].tobytes(), block[:, ::-1].tobytes(), block[::-1, ::-1].tobytes()}
+    return blocks
+
+
+@pytest.mark.parametrize("width,height", [(128, 128), (96, 64)])
+def test_mirror_padding_copies_whole_8x8_blocks_of_a_small_image(width, height):
+    # GenImage's 128 px BigGAN fakes: each 8x8 block of the padded crop must be one block of the image
+    # (or its mirror). Padding that leaves out the edge pixel ("reflect") shifts the mirror by one pixel,
+    # so its blocks straddle two image blocks and give small images a DCT signature of their own.
+    small = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    view = rps.build_transform(no_augmentation_cfg(), train=False)(Image.fromarray(small)).numpy().transpose(1, 2, 0)
+    allowed = image_blocks_and_mirrors(small)
+    foreign = [(y, x) for y in range(0, 224, 8) for x in range(0, 224, 8)
+               if view[y:y + 8, x:x + 8].tobytes() not in allowed]
+    assert foreign == []
+    left, top = rps.PadToAtLeast.left_top(224, width, height)
+    assert np.array_equal(view[top:top + height, left:left + width], small)  # the image itself is in the crop
+
+
 # --------------------------------------------------------------------------- augmentation window
 
 @pytest.mark.parametrize("size", [256, 700])
@@ -143,6 +168,73 @@ def test_default_augmentation_views_are_unchanged_by_the_window_on_256_px_images
         for seed in range(10):
             assert np.array_equal(window(image, torch.Generator().manual_seed(seed)),
                                   whole(image, torch.Generator().manual_seed(seed)))
+
+
+# --------------------------------------------------------------------------- training recipes
+
+def recipe_draws(recipe, n, width=256, height=256, seed=0):
+    augment = rps.TrainAugment(no_augmentation_cfg(TRAIN_RECIPE=recipe, BLUR_PROB=0.5, JPEG_PROB=0.5,
+                                                   BLUR_SIGMA_MAX=3.0, JPEG_QUALITY_MIN=30))
+    generator = torch.Generator().manual_seed(seed)
+    return [augment.draw(width, height, generator) for _ in range(n)]
+
+
+def test_rine_recipe_draws_what_rines_data_augment_draws():
+    # RINE's data_augment: blur with p 0.5, sigma ~ U[0, 3]; independently JPEG with p 0.5 at quality 30 or
+    # 100; then RandomCrop(224) at any position and a flip with p 0.5. 20,000 draws: every one of the
+    # 33 x 33 = 1,089 crop origins of a 256 px image then appears except with probability
+    # 1089 * (1 - 1/1089)^20000 ~ 1e-5 (with 10,000 draws it would be ~0.1).
+    n = 20_000
+    draws = recipe_draws("rine", n)
+
+    def near(count, p):  # within 5 binomial standard deviations of n * p
+        return abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p))
+
+    qualities = Counter(d.quality for d in draws)
+    assert set(qualities) == {None, 30, 100}
+    assert near(qualities[30], 0.25) and near(qualities[100], 0.25) and near(qualities[None], 0.5)
+    sigmas = np.array([d.sigma for d in draws if d.sigma > 0])
+    assert near(len(sigmas), 0.5)
+    assert near(sum(d.sigma > 0 and d.quality is not None for d in draws), 0.25)  # blur and JPEG independent
+    assert sigmas.min() >= 0 and sigmas.max() <= 3
+    for count in np.histogram(sigmas, bins=6, range=(0, 3))[0]:  # uniform: a sixth of the blurred views per bin
+        assert abs(count - len(sigmas) / 6) <= 5 * math.sqrt(len(sigmas) * (1 / 6) * (5 / 6))
+    assert near(sum(d.flip for d in draws), 0.5)
+    origins = Counter((d.left, d.top) for d in draws)
+    assert set(origins) == {(x, y) for x in range(33) for y in range(33)}
+    for axis in (0, 1):  # each of the 33 positions a 33rd of the time, in x and in y
+        for count in Counter((d.left, d.top)[axis] for d in draws).values():
+            assert near(count, 1 / 33)
+
+
+def test_grid_recipe_draws_crops_on_the_grid_and_any_quality_from_30_to_100():
+    draws = recipe_draws("grid", 5_000)
+    assert {(d.left, d.top) for d in draws} == {(x, y) for x in range(0, 33, 8) for y in range(0, 33, 8)}
+    assert {d.quality for d in draws} == {None, *range(30, 101)}
+
+
+def test_rine_recipe_views_crop_where_drawn_and_off_the_grid():
+    cfg = no_augmentation_cfg(TRAIN_RECIPE="rine")
+    image = coordinate_image(300, 280)
+    augment = rps.build_transform(cfg, train=True)
+    origins = []
+    for seed in range(200):
+        view = augment(image, torch.Generator().manual_seed(seed))
+        drawn = augment.draw(300, 280, torch.Generator().manual_seed(seed))
+        assert origin_of(view) == (drawn.left, drawn.top)
+        origins.append(origin_of(view))
+    assert len({(x % 8, y % 8) for x, y in origins}) > 40  # of 64 offsets against the grid
+
+
+def test_rine_recipe_window_augmentation_equals_whole_image_augmentation():
+    cfg = rps.default_config()
+    cfg.TRAIN_RECIPE, cfg.BLUR_PROB, cfg.JPEG_PROB = "rine", 1.0, 1.0
+    image = Image.fromarray(rps.make_demo_image(np.random.default_rng(3), fake=True, size=700))
+    window, whole = rps.TrainAugment(cfg), rps.TrainAugment(cfg, whole_image=True)
+    for seed in range(8):
+        view = window.draw(700, 700, torch.Generator().manual_seed(seed))
+        assert view.quality in (30, 100)
+        assert np.array_equal(window.apply(image, view), whole.apply(image, view)), seed
 
 
 # --------------------------------------------------------------------------- the DCT's scale
@@ -280,3 +372,21 @@ def test_augment_cost_and_dct_scale_benchmarks_print_their_figures(tmp_path):
     shares = {line.split(":")[0].strip(): float(line.split("for ")[1].split("%")[0])
               for line in result.stdout.splitlines() if "|c| < 0.1" in line}
     assert set(shares) == {"CLIP-normalised", "0-255"} and shares["0-255"] < shares["CLIP-normalised"]
+
+
+def test_jpeg_encoders_benchmark_compares_opencv_and_pillow_per_image_and_quality(tmp_path):
+    Image.fromarray(rps.make_demo_image(np.random.default_rng(0), True, "bilinear", 64)).save(tmp_path / "a.png")
+    result = run_benchmark("jpeg_encoders.py", ["--images", tmp_path / "a.png", "--qualities", "30", "100"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("a.png")]
+    assert [row[1] for row in rows] == ["30", "100"] and all(row[2] in ("True", "False") for row in rows), result.stdout
+    # Each row's pixel difference is what the two encoders give on that image, computed here again.
+    import cv2
+
+    pixels = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))
+    for row in rows:
+        quality = int(row[1])
+        ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(pixels[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        by_opencv = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1].astype(int)
+        by_pillow = np.asarray(rps.jpeg_reencode(Image.fromarray(pixels), quality)).astype(int)
+        assert float(row[3]) == pytest.approx(np.abs(by_opencv - by_pillow).mean(), abs=6e-4), (row, result.stdout)

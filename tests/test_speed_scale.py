@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
-from conftest import SCRIPT, run_script, write_demo_tree
+from conftest import SCRIPT, run_script, small_config, write_demo_tree
 
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
              "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "bf16"]
@@ -253,6 +253,72 @@ def test_a_changed_image_opens_a_new_cache(cache_runs):
     lines = cache_lines(result.stdout)
     assert str(new[0]) in lines["train"] and "up to" in lines["train"], lines
     assert lines["val"].endswith("100% filled"), lines
+
+
+def test_the_cache_key_follows_the_training_recipe_but_not_the_learning_rate(tmp_path, tiny_backbone):
+    # The recipe decides the cached crops (on the grid or anywhere); LR and its schedule only the head.
+    items, _ = rps.scan_image_folder(write_demo_tree(tmp_path / "data", {"train": {"nearest": 2}}) / "train")
+    cfg = small_config(tiny_backbone, CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    backbone = rps.RINEPlusSSCA(cfg).backbone
+
+    def folder(**change):
+        return rps.feature_cache_folder("train", items, small_config(tiny_backbone, **{**vars(cfg), **change}), backbone, 2)
+
+    assert folder(TRAIN_RECIPE="rine") != folder(TRAIN_RECIPE="grid") == folder()
+    assert folder(LR_DROP_EPOCHS="6,11") == folder(LR=1e-4) == folder()
+
+
+def another_valid_value(name, value):
+    """A value of the constant `name` other than `value` that its declaration allows."""
+    constant = rps.CONSTANTS[name]
+    if constant.choices:
+        return next(c for c in constant.choices if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, str):
+        return None  # paths, devices, block lists: no pixel of a view depends on them (checked below by running)
+    for candidate in (value * 2, value / 2, value + 1, value - 1, 1, 0.5):
+        candidate = type(value)(candidate)
+        if candidate != value and not rps.constant_problem(constant, candidate):
+            return candidate
+    raise AssertionError(f"no other valid value found for {name}")
+
+
+def views_of(cfg, images):
+    """The pixels a cached training run stores (seeded training views) and the validation crops."""
+    train, test = rps.build_transform(cfg, train=True), rps.build_transform(cfg, train=False)
+    views = []
+    for index, image in enumerate(images):
+        for view in range(6):
+            seed = rps.sample_seed(cfg.SEED, index, view)
+            views.append(train(image, torch.Generator().manual_seed(seed)))
+        views.append(test(image).numpy())
+    return views
+
+
+def test_every_constant_that_changes_a_cached_view_changes_the_cache_folder(tmp_path, tiny_backbone):
+    # Derived from behaviour, not from a list: each constant is changed in turn; when any stored view's pixels
+    # change, the constant must be in the cache's key (declared INPUTS), and the folder name must change.
+    root = write_demo_tree(tmp_path / "data", {"train": {"nearest": 2}}, size=200)
+    items, _ = rps.scan_image_folder(root / "train")
+    images = [rps.open_image(path) for path, _, _ in items]
+    cfg = small_config(tiny_backbone, CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    backbone = rps.RINEPlusSSCA(cfg).backbone
+    reference_views = views_of(cfg, images)
+    reference_folder = rps.feature_cache_folder("train", items, cfg, backbone, 2)
+    changing = []
+    for name in rps.CONFIG_NAMES:
+        other = another_valid_value(name, getattr(cfg, name))
+        if other is None:
+            continue
+        changed = small_config(tiny_backbone, **{**vars(cfg), name: other})
+        views = views_of(changed, images)
+        if any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(views, reference_views)):
+            changing.append(name)
+            assert name in rps.INPUT_CONSTANTS, f"{name} changes the cached pixels but is not declared INPUTS"
+            assert rps.feature_cache_folder("train", items, changed, backbone, 2) != reference_folder, name
+    # The augmentation constants were among those found (the test itself can see a change).
+    assert {"CROP_SIZE", "TRAIN_RECIPE", "TEST_CROP", "BLUR_PROB", "JPEG_QUALITY_MIN", "SEED"} <= set(changing), changing
 
 
 # =========================================================================== 7. torchrun
