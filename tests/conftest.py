@@ -5,6 +5,7 @@ repository's data/ or checkpoints/, and no model weights are downloaded.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +121,18 @@ def nonempty_lines(text):
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """One `python rine_plus_ssca.py --demo` run in a tmp folder, shared by every test that needs the demo's
-    checkpoint (~1 min): (folder, completed process). The checkpoint is folder/checkpoints/demo/BEST_NAME."""
+    checkpoint (~1 min): (folder, completed process). The checkpoint is folder/checkpoints/demo/BEST_NAME.
+
+    The script runs as a copy of the one file alone in that folder, with nothing of the project beside it:
+    the demo (training, evaluation) needs nothing else."""
     cwd = tmp_path_factory.mktemp("demo")
-    result = run_script(["--demo"], cwd=cwd)
+    shutil.copy(SCRIPT, cwd / SCRIPT.name)
+    result = run_copied_script(["--demo"], cwd=cwd)
     return cwd, result
+
+
+def run_copied_script(args, cwd, timeout=900):
+    """`python rine_plus_ssca.py ARGS` with the copy of the script in cwd (not the repository's), captured."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH="")
+    return subprocess.run([sys.executable, "-I", SCRIPT.name, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

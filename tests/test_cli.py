@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rine_plus_ssca as rps
-from conftest import REPO, nonempty_lines, run_script, write_demo_tree
+from conftest import REPO, nonempty_lines, run_copied_script, run_script, write_demo_tree
 
 
 # --------------------------------------------------------------------------- --help
@@ -216,3 +216,21 @@ def test_eval_command_and_layouts_agree(demo, tmp_path):
         for generator, values in expected.items():
             np.testing.assert_allclose(np.array(got[generator], dtype=float), np.array(values, dtype=float),
                                        atol=1e-6, err_msg=f"{real_name}/{fake_name}: {generator}")
+
+
+def test_the_script_alone_in_an_empty_folder_trains_evaluates_and_predicts(demo):
+    # The demo fixture ran a copy of rine_plus_ssca.py alone in its folder (training and the test table);
+    # the same copy then evaluates and predicts with the checkpoint it wrote, offline.
+    cwd, result = demo
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in cwd.iterdir()) == ["checkpoints", "data", "rine_plus_ssca.py"]
+    ckpt = Path("checkpoints/demo") / rps.BEST_NAME
+    evaluated = run_copied_script(["eval", "--ckpt", ckpt, "--data", "data/demo/test", "--num-workers", "0",
+                                   "--out", "alone_eval"], cwd=cwd)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    assert re.search(r"^mean \(3 generators\)", evaluated.stdout, re.M), evaluated.stdout[-3000:]
+    predicted = run_copied_script(["predict", "--ckpt", ckpt, "data/demo/test/bilinear", "--num-workers", "0"], cwd=cwd)
+    assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
+    n_images = len(list((cwd / "data/demo/test/bilinear").rglob("*.png")))
+    assert len(re.findall(r"^\s*\d\.\d{4}\s+(real|fake)\s", predicted.stdout, re.M)) == n_images, predicted.stdout[-3000:]
+
