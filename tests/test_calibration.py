@@ -132,6 +132,17 @@ def test_ten_crop_verdicts_ap_and_auc_do_not_depend_on_the_temperature():
         assert [metrics[k] for k in ("acc", "ap", "auc")] == [at_one[k] for k in ("acc", "ap", "auc")], temperature
 
 
+def test_a_stored_threshold_meeting_ten_crop_scores_is_said_in_one_line():
+    calibration = rps.calibration_record([0, 0, 0, 1, 1, 1], [-2.0, -1.0, 0.5, 1.5, 2.0, -0.2], target_fpr=0.4)
+    model = SimpleNamespace(temperature=calibration["temperature"], calibration=calibration, config={"TEST_CROP": "grid"})
+    labels, probs = np.array([0, 1]), np.array([0.2, 0.9])
+    centre = rps.calibration_lines(model, labels, probs, probs)
+    ten_crops = rps.calibration_lines(model, labels, probs, probs, tencrop=True)
+    assert any(line.startswith("stored threshold") for line in centre)
+    assert ten_crops[:-1] == centre and len(ten_crops) == len(centre) + 1
+    assert "centre crops" in ten_crops[-1] and "--tencrop" in ten_crops[-1]
+
+
 def test_rine_scoring_uses_a_float32_sigmoid_and_calls_fake_above_the_threshold():
     logits = torch.tensor([17.0, 0.0, -3.0])
     rine = rps.probabilities_from_logits(logits, float32=True)
