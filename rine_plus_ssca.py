@@ -145,7 +145,8 @@ TRAIN_RECIPE = declare("grid", INPUTS, '"grid": crops on the 8-pixel grid, JPEG 
                        '(the spectral branch\'s DCT needs the grid); "rine": RINE\'s data_augment, crops anywhere, JPEG '
                        'quality JPEG_QUALITY_MIN or 100', choices=("grid", "rine"))
 TEST_CROP = declare("grid", INPUTS, '"grid": test crops on the 8-pixel grid with mirror padding, as in training; "rine": '
-                    "torchvision's CenterCrop with zero padding, RINE's own (import-rine sets it)", choices=("grid", "rine"))
+                    "RINE's own scoring (import-rine sets it): torchvision's CenterCrop/TenCrop with zero padding, "
+                    "float32 sigmoid, fake when P(fake) > threshold, fp16 backbone on GPUs", choices=("grid", "rine"))
 BLUR_PROB = declare(0.5, INPUTS, "probability of Gaussian blur", at_least=0, at_most=1)
 BLUR_SIGMA_MAX = declare(3.0, INPUTS, "blur sigma ~ U[0, BLUR_SIGMA_MAX]", at_least=0)
 JPEG_PROB = declare(0.5, INPUTS, "probability of JPEG re-encoding", at_least=0, at_most=1)
@@ -259,22 +260,39 @@ def cpu_has_fast_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_amp_dtype(amp, device):
+def scores_as_rine(config):
+    """True when a model (its config: a dict or a namespace) scores as RINE's code does, TEST_CROP="rine":
+    RINE's crops, a float32 sigmoid, fake when P(fake) > threshold, an fp16 backbone on GPUs."""
+    config = config if isinstance(config, dict) else vars(config)
+    return config.get("TEST_CROP") == "rine"
+
+
+def resolve_amp_dtype(amp, device, rine_scoring=False):
     """The mixed-precision dtype for this device, or None for full float32.
 
     auto: bf16 on GPUs that run it natively (compute capability 8.0 or newer: Ampere, Ada, Hopper...),
     else fp16 (with a GradScaler). torch.cuda.is_bf16_supported() also says yes where bf16 is only
     emulated (T4, RTX 20xx: capability 7.5), and slow there. On the CPU bf16 for the backbone only,
     where the CPU has bf16 instructions (measured: benchmarks/throughput.py).
+    With rine_scoring (TEST_CROP="rine"), auto is what RINE's code runs: OpenAI's clip.load gives an fp16
+    CLIP on a GPU and a float32 one on the CPU.
     """
     if amp == "off":
         return None
+    if amp == "auto" and rine_scoring:
+        return torch.float16 if device.type == "cuda" else None
     if amp == "auto":
         if device.type == "cuda":
             native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
             return torch.bfloat16 if native_bf16 else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def head_amp_dtype(cfg, device):
+    """The head's mixed-precision dtype when scoring: None (float32) under RINE's scoring, whose head runs
+    in float32 on the backbone's tokens; else resolve_amp_dtype's."""
+    return None if scores_as_rine(cfg) else resolve_amp_dtype(cfg.AMP, device)
 
 
 def head_autocast(device, amp_dtype):
@@ -1275,6 +1293,22 @@ class TenCrops:
         return tuple(crops + [crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for crop in crops])
 
 
+class ZeroPadToAtLeast:
+    """Zero-pad so both sides are at least `size`, split as torchvision's CenterCrop pads a small image (so
+    the centre of ten crops is CenterCrop's crop). RINE's code has no case for small images: its TenCrop
+    raises on them; padded first, they are scored as its CenterCrop would see them."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        from torchvision.transforms import functional
+
+        if image.width >= self.size and image.height >= self.size:
+            return image
+        return functional.center_crop(image, [max(self.size, image.height), max(self.size, image.width)])
+
+
 class StackCrops:
     """A tuple of PIL crops -> uint8 tensor [10,3,H,W]."""
 
@@ -1295,8 +1329,10 @@ def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=Fals
         return TrainAugment(cfg)
     perturbed = jpeg_quality is not None or blur_sigma or resize is not None
     steps = [FixedPerturbation(jpeg_quality, blur_sigma, resize)] if perturbed else []
-    if cfg.TEST_CROP == "rine":  # exactly RINE's test preprocessing, so its released weights give its numbers
-        steps += [transforms.TenCrop(cfg.CROP_SIZE), StackCrops()] if tencrop else [transforms.CenterCrop(cfg.CROP_SIZE), to_uint8_tensor]
+    if cfg.TEST_CROP == "rine" and tencrop:  # RINE's test preprocessing, so its released weights give its numbers
+        steps += [ZeroPadToAtLeast(cfg.CROP_SIZE), transforms.TenCrop(cfg.CROP_SIZE), StackCrops()]
+    elif cfg.TEST_CROP == "rine":
+        steps += [transforms.CenterCrop(cfg.CROP_SIZE), to_uint8_tensor]
     elif tencrop:
         steps += [TenCrops(cfg.CROP_SIZE), StackCrops()]
     else:
@@ -1883,13 +1919,21 @@ def make_tiny_backbone(folder, seed=0):
 # Evaluation: metrics, calibration (a temperature for P(fake), its ECE), scoring
 # =====================================================================================
 
-def binary_metrics(labels, probs, threshold=0.5):
-    """Accuracy at threshold, real/fake accuracy, best-threshold (oracle) accuracy, AP, ROC AUC and ECE."""
+def called_fake(probs, threshold, strict=False):
+    """Which P(fake) are called fake: those at or above threshold; with strict (RINE's scoring, whose
+    evaluation tests P(fake) > 0.5) those above it."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return probs > threshold if strict else probs >= threshold
+
+
+def binary_metrics(labels, probs, threshold=0.5, strict=False):
+    """Accuracy at threshold (strict: see called_fake), real/fake accuracy, best-threshold (oracle) accuracy,
+    AP, ROC AUC and ECE."""
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
-    predicted_fake = probs >= threshold
+    predicted_fake = called_fake(probs, threshold, strict)
     is_real, is_fake = labels == 0, labels == 1
     both_classes = is_real.any() and is_fake.any()
     best_acc = float("nan")
@@ -1919,11 +1963,11 @@ def threshold_for_fpr(real_probs, target_fpr):
     return float(np.nextafter(descending[allowed], np.inf))
 
 
-def rates_at(labels, probs, threshold):
-    """(false-positive rate on the reals, recall on the fakes) when P(fake) >= threshold is called fake;
-    NaN for a class that is absent."""
-    labels, called_fake = np.asarray(labels), np.asarray(probs) >= threshold
-    return tuple(float(called_fake[labels == label].mean()) if (labels == label).any() else float("nan")
+def rates_at(labels, probs, threshold, strict=False):
+    """(false-positive rate on the reals, recall on the fakes) when P(fake) >= threshold (strict: >) is called
+    fake; NaN for a class that is absent."""
+    labels, fake = np.asarray(labels), called_fake(probs, threshold, strict)
+    return tuple(float(fake[labels == label].mean()) if (labels == label).any() else float("nan")
                  for label in (0, 1))
 
 
@@ -1958,13 +2002,18 @@ def expected_calibration_error(labels, probs, n_bins=ECE_BINS):
     return float(np.sum(counts[filled] / counts.sum() * np.abs(fraction_fake[filled] - mean_p[filled])))
 
 
-def probabilities_from_logits(logits, temperature=1.0):
+def probabilities_from_logits(logits, temperature=1.0, float32=False):
     """P(fake) = sigmoid(logit / temperature) in float64, so that a sharpening temperature (below 1) does not
     round P(fake) to exactly 0 or 1 as float32 does above |logit / T| ~ 17. Logits [B] -> [B]; logits
-    [B, n_crops] -> the mean over the crops of their P(fake), [B]. Tensors or arrays; the same type back."""
+    [B, n_crops] -> sigmoid of the mean of the crops' logits, [B], as RINE averages ten crops (so a verdict
+    at 0.5 does not depend on the temperature). float32=True computes in float32 as RINE's code does (its
+    scores saturate to 1.0 above a logit of about 16.6); returned as float64 either way. Tensors or
+    arrays; the same type back."""
     as_array = not isinstance(logits, torch.Tensor)
-    probs = torch.sigmoid(torch.as_tensor(logits).double() / temperature)
-    probs = probs.mean(dim=1) if probs.dim() == 2 else probs
+    logits = torch.as_tensor(logits)
+    logits = logits.float() if float32 else logits.double()
+    logits = logits.mean(dim=1) if logits.dim() == 2 else logits
+    probs = torch.sigmoid(logits / temperature).double()
     return probs.numpy() if as_array else probs
 
 
@@ -2050,16 +2099,19 @@ def model_logits(model, pixels, cls_tokens=None):
 
 
 def model_probabilities(model, pixels, cls_tokens=None):
-    """P(fake) [B] in float64 at the model's temperature (1 unless load_detector set a calibrated one);
-    for [B,n_crops,3,H,W] (TenCrop) the mean of the crops' P(fake)."""
-    return probabilities_from_logits(model_logits(model, pixels, cls_tokens), model.temperature)
+    """P(fake) [B] as float64 at the model's temperature (1 unless load_detector set a calibrated one);
+    for [B,n_crops,3,H,W] (TenCrop) the sigmoid of the mean of the crops' logits. Under RINE's scoring
+    (scores_as_rine) the sigmoid runs in float32, as RINE's does."""
+    return probabilities_from_logits(model_logits(model, pixels, cls_tokens), model.temperature,
+                                     float32=scores_as_rine(model.config))
 
 
 @torch.inference_mode()
 def score_loader(model, loader, device, amp_dtype, cache=None):
     """Run the model over a loader: (indices, labels, P(fake), raw logits, summed BCE, bad) with bad = [(index,
     error)]. P(fake) is at the model's temperature; the logits are [N], or [N, 10] for ten crops, so that
-    probabilities_from_logits(logits, T) gives P(fake) at any temperature T exactly."""
+    probabilities_from_logits(logits, T, float32=scores_as_rine(model.config)) gives P(fake) at any temperature
+    T exactly."""
     model.eval()
     all_indices, all_labels, all_probs, all_logits = [], [], [], []
     bce_total, all_bad = torch.zeros((), dtype=torch.float64, device=device), []
@@ -2072,7 +2124,7 @@ def score_loader(model, loader, device, amp_dtype, cache=None):
         with head_autocast(device, amp_dtype):
             tokens = tokens_from_cache_or_backbone(model, batch, pixels, cache)
             logits = model_logits(model, pixels, tokens)
-        probs = probabilities_from_logits(logits, model.temperature)
+        probs = probabilities_from_logits(logits, model.temperature, float32=scores_as_rine(model.config))
         bce_total += F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels.double(), reduction="sum")
         all_indices.append(indices)
         all_labels.append(labels.cpu())
@@ -2149,14 +2201,14 @@ def generator_row_names(labels_per_group, root_name):
     return {group: row_name(without_split(group)) for group in labels_per_group}
 
 
-def per_generator_rows(items, labels, probs, threshold, skipped_per_generator=None, order=None):
+def per_generator_rows(items, labels, probs, threshold, skipped_per_generator=None, order=None, strict=False):
     """One metrics row per generator (item[2]) in `order` (default: by name), plus the mean row.
 
     A row holding one class only is named '<generator> (fakes only)' or '(reals only)': its acc
     is the share called right, its ECE how far its mean P(fake) is from 1 (or 0), it has no AP/AUC,
     and it stays out of the mean. The mean row averages the metrics of the other rows, as papers do,
     says how many ('mean (20 generators)') and sums their counts. Without a row holding both classes
-    there is no mean row.
+    there is no mean row. strict: an image is fake when P(fake) > threshold (RINE's scoring), not >=.
     """
     skipped_per_generator = skipped_per_generator or {}
     generators = np.array([item[2] for item in items], dtype=object)
@@ -2164,7 +2216,7 @@ def per_generator_rows(items, labels, probs, threshold, skipped_per_generator=No
     rows, averaged = [], []
     for generator in names:
         chosen = generators == generator
-        metrics = binary_metrics(labels[chosen], probs[chosen], threshold)
+        metrics = binary_metrics(labels[chosen], probs[chosen], threshold, strict)
         metrics["skipped"] = skipped_per_generator.get(generator, 0)
         row = [generator] + [metrics[c] for c in METRIC_COLUMNS]
         if metrics["n_real"] and metrics["n_fake"]:
@@ -2429,7 +2481,7 @@ def score_items(model, items, batch_size=64, num_workers=4, tencrop=False, jpeg_
     unique_paths = sorted({item[0] for item in items})
     transform = build_transform(cfg, False, jpeg_quality, blur_sigma, tencrop, resize)
     loader = make_loader([(path, 0, "") for path in unique_paths], cfg, train=False, device=device, transform=transform)
-    indices, _, probs, logits, _, bad = score_loader(model, loader, device, resolve_amp_dtype(cfg.AMP, device))
+    indices, _, probs, logits, _, bad = score_loader(model, loader, device, head_amp_dtype(cfg, device))
     for index, error in bad:
         print(f"warning: skipped unreadable image {unique_paths[index]} ({error})", file=sys.stderr)
     scores = {unique_paths[i]: float(p) for i, p in zip(indices, probs)}
@@ -2459,7 +2511,8 @@ def evaluate_items(model, items, batch_size=64, num_workers=4, threshold=None, t
     if unreadable:
         print(f"warning: {len(unreadable)} unreadable images were skipped, e.g. {sorted(unreadable)[0]}")
     order = list(dict.fromkeys(item[2] for item in items))
-    return per_generator_rows(kept, labels, probs, threshold, skipped, order), kept, labels, probs, logits
+    rows = per_generator_rows(kept, labels, probs, threshold, skipped, order, strict=scores_as_rine(model.config))
+    return rows, kept, labels, probs, logits
 
 
 def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=None, real_dir=None,
@@ -2895,9 +2948,9 @@ def check_backbone_matches(expected, actual, path, clip_model):
 def predict(model, images, batch_size=32, tencrop=False):
     """P(fake) per image as a NumPy array [N] (float64). images: a path, a PIL image, or a list of them.
 
-    Any size and mode: smaller images are padded, larger ones centre-cropped (or, with
-    tencrop=True, averaged over ten crops). P(fake) is calibrated, sigmoid(logit / model.temperature),
-    when load_detector found a calibration (describe_probabilities(model) says which);
+    Any size and mode: smaller images are padded, larger ones centre-cropped (or, with tencrop=True,
+    scored on ten crops: the sigmoid of the mean of their logits, as RINE does). P(fake) is calibrated,
+    sigmoid(logit / model.temperature), when load_detector found a calibration (describe_probabilities(model) says which);
     decision_threshold(model) gives the threshold to call an image fake.
     """
     if isinstance(images, (str, Path, Image.Image)):
@@ -2905,7 +2958,7 @@ def predict(model, images, batch_size=32, tencrop=False):
     cfg = SimpleNamespace(**model.config)
     transform = build_transform(cfg, train=False, tencrop=tencrop)
     device = next(model.parameters()).device
-    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
+    amp_dtype = head_amp_dtype(cfg, device)
     model.eval()
     probabilities = []
     for start in range(0, len(images), batch_size):
@@ -2971,7 +3024,7 @@ def explain(model, images, batch_size=32):
     cfg = SimpleNamespace(**model.config)
     centre_crop = build_transform(cfg, train=False)
     device = next(model.parameters()).device
-    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
+    amp_dtype, float32 = head_amp_dtype(cfg, device), scores_as_rine(cfg)
     model.eval()
     explanations = []
     for image in images:
@@ -2985,9 +3038,9 @@ def explain(model, images, batch_size=32):
                 local, method = window_logits(model, crop.permute(1, 2, 0).numpy(), batch_size), "windows"
         explanations.append(Explanation(image=image if isinstance(image, (str, Path)) else None,
                                         crop=crop.permute(1, 2, 0).numpy(),
-                                        p_fake=float(probabilities_from_logits(logit.cpu(), model.temperature)[0]),
-                                        local_p_fake=probabilities_from_logits(local.cpu().numpy().ravel(),
-                                                                               model.temperature).reshape(local.shape),
+                                        p_fake=float(probabilities_from_logits(logit.cpu(), model.temperature, float32)[0]),
+                                        local_p_fake=probabilities_from_logits(local.cpu().numpy().ravel(), model.temperature,
+                                                                               float32).reshape(local.shape),
                                         local_logits=local.cpu().numpy(), method=method))
     return explanations
 
@@ -3060,7 +3113,8 @@ def write_explanations(model, paths, out_dir, threshold, batch_size=32):
 
 def build_model(cfg, device, **backbone_options):
     """The detector on `device`, its frozen backbone cast once to the mixed-precision dtype, with speed_settings."""
-    return speed_settings(RINEPlusSSCA(cfg, resolve_amp_dtype(cfg.AMP, device), **backbone_options).to(device))
+    backbone_dtype = resolve_amp_dtype(cfg.AMP, device, rine_scoring=scores_as_rine(cfg))
+    return speed_settings(RINEPlusSSCA(cfg, backbone_dtype, **backbone_options).to(device))
 
 
 def speed_settings(model):
@@ -3596,7 +3650,7 @@ def validate(run, epoch):
     indices, labels, probs, logits, val_bce_sum = gather_scores(indices, labels, probs, logits, val_bce_sum,
                                                                 run.world_size)
     run.flush_caches()
-    metrics = binary_metrics(labels, probs, run.cfg.THRESHOLD)
+    metrics = binary_metrics(labels, probs, run.cfg.THRESHOLD, strict=scores_as_rine(run.cfg))
     metrics.update(epoch=epoch, train_bce=run.sums[0].item() / n_seen, train_supcon=run.sums[1].item() / n_seen,
                    val_bce=val_bce_sum / max(len(labels), 1),
                    skipped_train=len(run.train_bad.bad), skipped_val=len(run.val_bad.bad))
@@ -3766,7 +3820,7 @@ def add_model_options(parser):
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--threshold", type=float, default=None, help="P(fake) at or above which an image is fake (default: the checkpoint's THRESHOLD; predict uses the threshold chosen on validation reals when TARGET_FPR was set in training)")
     parser.add_argument("--uncalibrated", action="store_true", help="show the raw P(fake), sigmoid(logit), instead of the calibrated sigmoid(logit / temperature) with the temperature fitted on the validation set")
-    parser.add_argument("--tencrop", action="store_true", help="average P(fake) over ten crops (RINE's test-time averaging for large images)")
+    parser.add_argument("--tencrop", action="store_true", help="score ten crops, P(fake) = sigmoid of the mean of their logits (RINE's test-time averaging for large images)")
     parser.add_argument("--clip-model", default=None, help="load the backbone from here instead of the checkpoint's CLIP_MODEL")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -3866,6 +3920,7 @@ def run_eval(args):
         condition = "clean" if kind == "clean" else f"{kind} {perturbations[kind][1]} {level}"
         print(f"\n{args.data} [{condition}], threshold {threshold}:")
         print(format_table(columns, rows))
+        refuse_rows_missing_images(rows, model.config["MAX_BAD_FRACTION"], condition, args.data)
         markdown += [f"\n## {condition}\n", format_markdown_table(columns, rows)]
         csv_rows += [[condition] + row for row in rows]
         mean_rows[(kind, level)] = mean_row_of(rows)
@@ -3878,11 +3933,12 @@ def run_eval(args):
         if set(labels.tolist()) == {0, 1}:
             plot_roc_pr(labels, probs, out_dir / f"{stem}_roc_pr.png")
             written.append(f"{stem}_roc_pr.png")
-        raw = probabilities_from_logits(logits)  # P(fake) at T = 1, whatever the model's temperature
+        # P(fake) at T = 1, whatever the model's temperature
+        raw = probabilities_from_logits(logits, float32=scores_as_rine(model.config))
         calibrated = {f"calibrated P(fake), T = {model.temperature:.3g}": probs} if model.temperature != 1.0 else {}
         plot_reliability(labels, {**calibrated, "raw P(fake), T = 1": raw}, out_dir / f"{stem}_reliability.png")
         written.append(f"{stem}_reliability.png")
-        lines = calibration_lines(model, labels, probs, raw)
+        lines = calibration_lines(model, labels, probs, raw, args.tencrop)
         if args.target_fpr is not None and not (labels == 0).any():
             print("note: --target-fpr needs real images; there are none here.")
         elif args.target_fpr is not None:
@@ -3910,7 +3966,27 @@ def run_eval(args):
     return csv_rows
 
 
-def calibration_lines(model, labels, probs, raw_probs):
+def refuse_rows_missing_images(rows, max_fraction, condition, data_dir):
+    """UserError when a row of an eval table lost more than max_fraction of its images (files that could not
+    be read or scored): its metrics would describe another set of images than the one named."""
+    for row in (rows[:-1] if mean_row_of(rows) is not None else rows):
+        n_skipped = row[-1]
+        n_images = row[1] + row[2] + n_skipped
+        if n_skipped > max_fraction * n_images:
+            raise UserError(f"{n_skipped} of {n_images} images of the row {row[0]!r} [{condition}] could not be scored "
+                            f"(more than MAX_BAD_FRACTION={max_fraction}). Run `python rine_plus_ssca.py check-data "
+                            f"--data {data_dir}` to list them, then remove or re-download them.")
+
+
+def stored_threshold_note(tencrop):
+    """The line saying that the stored TARGET_FPR threshold meets scores it was not chosen on, or None."""
+    if not tencrop:
+        return None
+    return ("note: the stored threshold was chosen on the P(fake) of single centre crops of the validation images; "
+            "with --tencrop it is applied to ten-crop scores, so its false-positive rate may differ")
+
+
+def calibration_lines(model, labels, probs, raw_probs, tencrop=False):
     """eval's lines on the calibration, for the clean test images: the ECE of all of them pooled (and of the
     raw P(fake)), and what the checkpoint's TARGET_FPR threshold, chosen on validation reals, does here."""
     pooled = f"ECE of all {len(labels)} images pooled: {expected_calibration_error(labels, probs):.4f}"
@@ -3919,10 +3995,12 @@ def calibration_lines(model, labels, probs, raw_probs):
     lines = [pooled]
     stored = stored_threshold(model)
     if stored is not None:
-        fpr, recall = rates_at(labels, probs, stored)
+        fpr, recall = rates_at(labels, probs, stored, strict=scores_as_rine(model.config))
         lines.append(f"stored threshold {stored:.4g} (TARGET_FPR {model.calibration['target_fpr']:g}, chosen on "
                      f"validation reals): on these images it calls {fpr:.4f} of the reals fake (false-positive rate) "
                      f"and finds {recall:.4f} of the fakes")
+        if stored_threshold_note(tencrop):
+            lines.append(stored_threshold_note(tencrop))
     return lines
 
 
@@ -3964,7 +4042,8 @@ def run_predict(args):
     print(f"{'P(fake)':>8}  verdict  image")
     for path in files:
         if path in scores:
-            p, verdict = scores[path], "fake" if scores[path] >= threshold else "real"
+            p = scores[path]
+            verdict = "fake" if called_fake(p, threshold, strict=scores_as_rine(model.config)) else "real"
             # A sharpening temperature gives P(fake) far below 0.0001, which a stored threshold can still split.
             print(f"{p:8.4f}  {verdict:7}  {path}" if p >= 1e-4 or p == 0 else f"{p:8.1e}  {verdict:7}  {path}")
             results.append([path, f"{p:.6g}", verdict])
@@ -3978,6 +4057,8 @@ def run_predict(args):
     print(describe_probabilities(model))
     if stored_note:
         print(f"{stored_note}, chosen in training; --threshold overrides it")
+        if stored_threshold_note(args.tencrop):
+            print(stored_threshold_note(args.tencrop))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:
@@ -4111,7 +4192,7 @@ def build_import_rine_parser():
     parser.add_argument("--clip-model", default=CLIP_MODEL, help="the backbone RINE was trained on (CLIP ViT-L/14): "
                         "a HuggingFace id or a local folder")
     parser.add_argument("--amp", default="auto", choices=CHOICES["AMP"],
-                        help="backbone precision stored in the checkpoint (AMP); 'off' = float32 (RINE ran fp16)")
+                        help="backbone precision stored in the checkpoint (AMP); 'auto' = RINE's own: fp16 on a GPU, float32 on the CPU; 'off' = float32")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 

@@ -134,3 +134,17 @@ def test_localisation_prints_a_hit_rate_per_method_and_the_controls(demo, tmp_pa
     assert set(rates) == expected, result.stdout
     assert all(0.0 <= rate <= 1.0 for rate in rates.values())
     assert list(scratch.iterdir()) == []
+
+
+def test_rine_scoring_precision_prints_each_comparison(tmp_path):
+    result, scratch = run_benchmark("rine_scoring_precision.py", ["--arch", "tiny", "--n-images", "6", "--threads", "1"],
+                                    tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for dtype in ("float16", "bfloat16", "float32"):
+        assert re.search(rf"^backbone {dtype}: 6 images in \d+ s; logits from", out, re.MULTILINE), (dtype, out)
+    for pair in ("float16 vs bfloat16", "float16 vs float32", "bfloat16 vs float32"):
+        assert re.search(rf"backbone {pair}: max \|dP\| [\d.e+-]+, mean [\d.e+-]+; AP [\d.]+ vs [\d.]+", out), (pair, out)
+    assert re.search(r"logits as they are: max \|dP\| .*P\(fake\) exactly 1.0 in float32: \d+, in float64: \d+; AP", out)
+    assert re.search(r"logits x [\d.]+ \(max \|logit\| 30.0\): max \|dP\|", out)
+    assert list(scratch.iterdir()) == []

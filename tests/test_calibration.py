@@ -107,8 +107,52 @@ def test_probabilities_from_logits_do_not_saturate_when_sharpened():
     probs = rps.probabilities_from_logits(logits, 0.5)  # logit / T = +-60: float32 would say exactly 1 and 0
     assert probs.dtype == torch.float64 and 0 < probs[1] < 1e-25
     np.testing.assert_allclose(probs.numpy(), sigmoid(logits.numpy() / 0.5), rtol=1e-12)
-    crops = np.array([[0.0, 2.0], [-1.0, 3.0]])  # ten-crop logits: the mean of the crops' P(fake)
-    np.testing.assert_allclose(rps.probabilities_from_logits(crops, 2.0), sigmoid(crops / 2.0).mean(axis=1))
+    crops = np.array([[0.0, 2.0], [-1.0, 3.0]])  # ten-crop logits: the sigmoid of the mean of the crops' logits
+    np.testing.assert_allclose(rps.probabilities_from_logits(crops, 2.0), sigmoid(crops.mean(axis=1) / 2.0))
+
+
+def test_ten_crops_average_logits_as_rine_does():
+    # One confident "real" crop against nine mildly "fake" ones: RINE's sigmoid(mean logit) = sigmoid(-0.1) says
+    # real; the mean of the crops' P(fake) would say 0.658, fake.
+    crops = torch.tensor([[-10.0] + [1.0] * 9])
+    p = float(rps.probabilities_from_logits(crops)[0])
+    assert p == pytest.approx(0.4750208, abs=1e-6)
+    assert rps.binary_metrics([0], [p])["acc"] == 1.0  # called real at 0.5
+
+
+def test_ten_crop_verdicts_ap_and_auc_do_not_depend_on_the_temperature():
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    crops = rng.normal(labels[:, None] - 0.5, 1.0, (40, 10))
+    crops[::3, 0] = rng.choice([-12.0, 12.0], size=len(crops[::3]))  # one outlying crop in every third image
+    at_one = rps.binary_metrics(labels, rps.probabilities_from_logits(crops))
+    assert 0.5 < at_one["auc"] < 1
+    for temperature in (0.2, 0.7, 3.0, 10.0):
+        metrics = rps.binary_metrics(labels, rps.probabilities_from_logits(crops, temperature))
+        assert [metrics[k] for k in ("acc", "ap", "auc")] == [at_one[k] for k in ("acc", "ap", "auc")], temperature
+
+
+def test_a_stored_threshold_meeting_ten_crop_scores_is_said_in_one_line():
+    calibration = rps.calibration_record([0, 0, 0, 1, 1, 1], [-2.0, -1.0, 0.5, 1.5, 2.0, -0.2], target_fpr=0.4)
+    model = SimpleNamespace(temperature=calibration["temperature"], calibration=calibration, config={"TEST_CROP": "grid"})
+    labels, probs = np.array([0, 1]), np.array([0.2, 0.9])
+    centre = rps.calibration_lines(model, labels, probs, probs)
+    ten_crops = rps.calibration_lines(model, labels, probs, probs, tencrop=True)
+    assert any(line.startswith("stored threshold") for line in centre)
+    assert ten_crops[:-1] == centre and len(ten_crops) == len(centre) + 1
+    assert "centre crops" in ten_crops[-1] and "--tencrop" in ten_crops[-1]
+
+
+def test_rine_scoring_uses_a_float32_sigmoid_and_calls_fake_above_the_threshold():
+    logits = torch.tensor([17.0, 0.0, -3.0])
+    rine = rps.probabilities_from_logits(logits, float32=True)
+    assert rine.dtype == torch.float64  # returned as float64, computed in float32 as RINE does
+    assert rine[0] == 1.0 and rine[1] == 0.5 and rine[2] == torch.sigmoid(torch.tensor(-3.0)).item()
+    assert rps.probabilities_from_logits(logits)[0] < 1.0  # float64 keeps it below 1
+    assert rps.called_fake([0.5, 0.6], 0.5).tolist() == [True, True]
+    assert rps.called_fake([0.5, 0.6], 0.5, strict=True).tolist() == [False, True]  # RINE: P(fake) > 0.5
+    assert rps.binary_metrics([0, 1], [0.5, 0.6], 0.5, strict=True)["acc"] == 1.0
+    assert rps.rates_at([0, 1], [0.5, 0.5], 0.5, strict=True) == (0.0, 0.0)
 
 
 # --------------------------------------------------------------------------- 3. a short training run

@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
-from conftest import run_script, train_tiny_checkpoint
+from conftest import nonempty_lines, run_script, train_tiny_checkpoint
 
 THRESHOLD = 0.5
 # A value printed with 4 decimals can be off by half a unit in the last place; scores computed in
@@ -536,8 +536,15 @@ def test_predict_explain_draws_each_readable_image_and_reports_the_broken_ones(o
         assert explanation.local_p_fake.shape == (28, 28) and explanation.crop.shape == (224, 224, 3)
 
 
+def sigmoid_of_mean_logit(probs):
+    """Ten crops' P(fake) -> the sigmoid of the mean of their logits (logit(P) = logit / T, so any temperature)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return float(1 / (1 + np.exp(-np.mean(np.log(probs / (1 - probs))))))
+
+
 def test_tencrop_averages_the_ten_crops(own_images, model):
-    """RINE's test-time averaging: four corners and the centre, each also mirrored, on the 8-pixel grid."""
+    """RINE's test-time averaging: four corners and the centre, each also mirrored, on the 8-pixel grid;
+    P(fake) is the sigmoid of the mean of their logits."""
     plain = {Path(r["path"]).name: float(r["p_fake"]) for r in read_csv(own_images["root"] / "plain.csv") if r["p_fake"]}
     tencrop = {Path(r["path"]).name: float(r["p_fake"]) for r in read_csv(own_images["root"] / "tencrop.csv") if r["p_fake"]}
     large = rps.load_rgb(own_images["readable"]["large.jpg"])
@@ -547,13 +554,13 @@ def test_tencrop_averages_the_ten_crops(own_images, model):
     corners = [(0, 0), (grid(w - s), 0), (0, grid(h - s)), (grid(w - s), grid(h - s)), (grid((w - s) // 2), grid((h - s) // 2))]
     crops = [large.crop((x, y, x + s, y + s)) for x, y in corners]
     crops += [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
-    assert abs(tencrop["large.jpg"] - float(np.mean(rps.predict(model, crops)))) <= ROUNDED
+    assert abs(tencrop["large.jpg"] - sigmoid_of_mean_logit(rps.predict(model, crops))) <= ROUNDED
     assert abs(plain["large.jpg"] - float(rps.predict(model, crops[4])[0])) <= ROUNDED  # without: the centre crop
     assert abs(plain["large.jpg"] - tencrop["large.jpg"]) > 1e-6
     # A small image is padded to one crop: the ten crops are it and its mirror, five times each.
     tiny = rps.load_rgb(own_images["readable"]["tiny.png"])
     padded = rps.PadToAtLeast(s)(tiny)
-    mirrored = float(np.mean(rps.predict(model, [padded, padded.transpose(Image.FLIP_LEFT_RIGHT)])))
+    mirrored = sigmoid_of_mean_logit(rps.predict(model, [padded, padded.transpose(Image.FLIP_LEFT_RIGHT)]))
     assert abs(tencrop["tiny.png"] - mirrored) <= ROUNDED
     assert abs(plain["tiny.png"] - float(rps.predict(model, tiny)[0])) <= ROUNDED
 
@@ -595,3 +602,32 @@ def test_training_writes_pictures_and_prints_block_importance(trained, model):
 def test_eval_prints_block_importance_and_plots_it(evaluated, trained):
     assert tie_ranking(evaluated["result"].stdout) == tie_ranking(trained["stdout"])
     assert_is_png(evaluated["out"] / "tie_block_importance.png")
+
+
+def test_eval_refuses_a_table_whose_row_lost_too_many_images(tmp_path, make_cfg):
+    import torch
+
+    spec = {"good/0_real": (4, False, None), "good/1_fake": (4, True, "nearest"),
+            "whole/0_real": (4, False, None), "whole/1_fake": (4, True, "bilinear")}
+    write_images(tmp_path / "data", spec, seed=0)
+    (tmp_path / "data/good/1_fake/broken.png").write_bytes(b"")  # 1 of the row's 9 images: 11%
+    for max_fraction in (0.05, 0.2):
+        torch.manual_seed(0)
+        model = rps.RINEPlusSSCA(make_cfg(MAX_BAD_FRACTION=max_fraction)).eval()
+        rps.atomic_torch_save(rps.make_checkpoint(model, 1, {}, []), tmp_path / f"model_{max_fraction}.pth")
+        result = run_script(["eval", "--ckpt", f"model_{max_fraction}.pth", "--data", "data", "--out", "out",
+                             "--device", "cpu", "--num-workers", "0"], cwd=tmp_path)
+        assert "Traceback" not in result.stdout + result.stderr
+        # The table shows the skipped images per row, whether or not it is refused.
+        skipped = {line.split()[0]: line.split()[-1] for line in result.stdout.splitlines()
+                   if line.split() and line.split()[0] in ("good", "whole")}
+        assert skipped == {"good": "1", "whole": "0"}, result.stdout
+        if max_fraction == 0.05:
+            assert result.returncode == 1, result.stdout[-2000:]
+            errors = [line for line in nonempty_lines(result.stderr) if not line.startswith("warning: ")]
+            assert len(errors) == 1 and errors[0].startswith("error: 1 of 9 images of the row 'good' [clean] could not "
+                                                             "be scored (more than MAX_BAD_FRACTION=0.05)"), result.stderr
+            assert "check-data --data data" in errors[0]
+            assert not (tmp_path / "out" / "eval_data.csv").exists()
+        else:
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

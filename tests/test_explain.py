@@ -130,6 +130,19 @@ def test_explanations_read_on_the_scale_of_p_fake(make_cfg):
                                    rtol=1e-6)
 
 
+def test_the_map_reads_on_the_p_fake_scale_at_a_temperature_other_than_one(make_cfg):
+    torch.manual_seed(0)
+    model = rps.build_model(make_cfg(), torch.device("cpu")).eval()
+    model.temperature = 2.0  # a calibrated checkpoint's; the demo's validation set always leaves it at 1
+    images = [Image.fromarray(rps.make_demo_image(np.random.default_rng(i), i % 2 == 1, size=260)) for i in range(2)]
+    explanations = rps.explain(model, images)
+    np.testing.assert_allclose([e.p_fake for e in explanations], rps.predict(model, images), atol=1e-5)
+    for explanation in explanations:
+        local = explanation.local_logits.astype(np.float64)
+        np.testing.assert_allclose(explanation.local_p_fake, 1 / (1 + np.exp(-local / 2.0)), rtol=1e-6)
+        assert np.abs(1 / (1 + np.exp(-local)) - 1 / (1 + np.exp(-local / 2.0))).max() > 1e-3  # T = 1 would show
+
+
 def test_drawing_makes_a_two_panel_figure_without_touching_the_pyplot_backend(make_cfg, tmp_path):
     torch.manual_seed(0)
     model = rps.build_model(make_cfg(), torch.device("cpu")).eval()

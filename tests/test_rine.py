@@ -8,6 +8,7 @@ script's modules or transforms is used for it.
 """
 
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,38 @@ def centred_rine_state(backbone_folder, dim, nproj, seed=0):
 def rine_reference_logits(backbone_folder, state, images):
     """RINE's forward, written out: logits [N] for a list of PIL images, in float32."""
     from torchvision import transforms
+
+    preprocess = transforms.Compose([transforms.CenterCrop(224), transforms.ToTensor(),
+                                     transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+    return rine_reference_forward(backbone_folder, state, torch.stack([preprocess(image.convert("RGB")) for image in images]))
+
+
+def zero_padded_to_224(image):
+    """A small image padded with zeros to at least 224 px a side, split as torchvision's CenterCrop splits it
+    (the smaller half before): RINE's code crashes on small images under TenCrop; the script pads them so."""
+    pixels = np.asarray(image.convert("RGB"))
+    pad_h, pad_w = max(0, 224 - pixels.shape[0]), max(0, 224 - pixels.shape[1])
+    return Image.fromarray(np.pad(pixels, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))))
+
+
+def rine_reference_ten_crop_probabilities(backbone_folder, state, images):
+    """RINE's ten-crop scoring (src/utils.py, evaluation and get_transforms), written out: TenCrop(224) of each
+    image, PILToTensor / 255, CLIP's normalisation, one forward over all crops, then in float32
+    sigmoid(logits.view(N, 10).mean(1)). -> P(fake) [N], float32."""
+    from torchvision import transforms
+
+    to_crops = transforms.Compose([
+        transforms.TenCrop(224),
+        transforms.Lambda(lambda crops: torch.stack([transforms.PILToTensor()(crop) for crop in crops])),
+        transforms.Lambda(lambda x: x / 255),
+        transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+    pixels = torch.stack([to_crops(zero_padded_to_224(image)) for image in images])  # [N, 10, 3, 224, 224]
+    logits = rine_reference_forward(backbone_folder, state, pixels.view(-1, 3, 224, 224))
+    return torch.sigmoid(logits.float().view(len(images), 10).mean(1))
+
+
+def rine_reference_forward(backbone_folder, state, pixels):
+    """RINE's Model.forward on CLIP-normalised pixels [N,3,224,224]: logits [N], in float32."""
     from transformers import CLIPVisionModel
 
     clip = CLIPVisionModel.from_pretrained(backbone_folder, dtype=torch.float32, attn_implementation="eager").eval()
@@ -63,9 +96,6 @@ def rine_reference_logits(backbone_folder, state, images):
     hooks = [module.register_forward_hook(lambda module, inputs, output: caught.append(output[:, 0]))
              for name, module in clip.named_modules() if name.endswith("layer_norm2")]
     assert len(hooks) == N_BLOCKS
-    preprocess = transforms.Compose([transforms.CenterCrop(224), transforms.ToTensor(),
-                                     transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
-    pixels = torch.stack([preprocess(image.convert("RGB")) for image in images])
     with torch.no_grad():
         clip(pixel_values=pixels)
     for hook in hooks:
@@ -134,6 +164,81 @@ def test_import_rine_then_predict_equals_rines_forward(tmp_path, tiny_backbone, 
     torch.testing.assert_close(script_logits(model, images), expected, rtol=0, atol=1e-5)
     probabilities = rps.predict(model, images)
     np.testing.assert_allclose(probabilities, torch.sigmoid(expected).numpy(), rtol=0, atol=1e-5)
+
+
+def test_imported_rine_with_tencrop_equals_rines_ten_crop_scoring(tmp_path, tiny_backbone, monkeypatch):
+    state = centred_rine_state(tiny_backbone, 32, 2, seed=5)
+    torch.save(state, tmp_path / "model_trainable.pth")
+    # AMP auto (import-rine's default): on the CPU RINE's clip.load runs float32, so the script does too,
+    # even on a CPU where auto would otherwise pick bf16.
+    result = run_script(["import-rine", "--ckpt", "model_trainable.pth", "--out", "imported.pth",
+                         "--clip-model", tiny_backbone], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    monkeypatch.setattr(rps, "cpu_has_fast_bf16", lambda: True)
+    model = rps.load_detector(tmp_path / "imported.pth", device="cpu")
+    assert next(model.backbone.parameters()).dtype == torch.float32
+
+    images = sample_images(seed=3)  # 224 x 224, two larger ones, and 180 x 200: under the crop both ways
+    rng = np.random.default_rng(4)
+    images.append(Image.fromarray(rps.make_demo_image(rng, fake=True, size=320)[:300, :150]))  # narrow only
+    expected = rine_reference_ten_crop_probabilities(tiny_backbone, state, images)
+    assert expected.std() > 0.01 and 0.01 < expected.min() and expected.max() < 0.99  # neither constant nor saturated
+    np.testing.assert_allclose(rps.predict(model, images, tencrop=True), expected.numpy(), rtol=0, atol=1e-5)
+    # eval and predict read files through a DataLoader (score_items): no image is skipped there either.
+    paths = []
+    for i, image in enumerate(images):
+        image.convert("RGB").save(tmp_path / f"image_{i}.png")
+        paths.append(str(tmp_path / f"image_{i}.png"))
+    scores, _, unreadable = rps.score_items(model, [(path, 0, "") for path in paths], num_workers=0, tencrop=True)
+    assert unreadable == []
+    np.testing.assert_allclose([scores[path] for path in paths], expected.numpy(), rtol=0, atol=1e-5)
+
+
+def test_rine_scoring_calls_one_half_real_and_saturates_as_rine_does(tmp_path, tiny_backbone):
+    state = random_rine_state(WIDTH, N_BLOCKS, 16, 2)
+    state["head.6.weight"].zero_()
+    state["head.6.bias"].zero_()  # every logit exactly 0: P(fake) exactly 0.5
+    torch.save(state, tmp_path / "rine.pth")
+    rps.atomic_torch_save(rps.rine_checkpoint(tmp_path / "rine.pth", tiny_backbone, "off"), tmp_path / "imported.pth")
+    model = rps.load_detector(tmp_path / "imported.pth", device="cpu")
+    rng = np.random.default_rng(0)
+    items = []
+    for i, fake in enumerate((False, True, False, True)):
+        path = tmp_path / "data" / "gen" / ("1_fake" if fake else "0_real") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rps.make_demo_image(rng, fake)).save(path)
+        items.append((str(path), int(fake), "gen"))
+
+    rows, _, _, probs, _ = rps.evaluate_items(model, items, num_workers=0)
+    assert probs.tolist() == [0.5] * 4
+    table = dict(zip(rps.METRIC_COLUMNS, rows[0][1:]))
+    assert (table["real_acc"], table["fake_acc"]) == (1.0, 0.0)  # RINE: fake when P(fake) > 0.5
+    result = run_script(["predict", "--ckpt", "imported.pth", items[1][0], "--device", "cpu", "--num-workers", "0"],
+                        cwd=tmp_path)
+    assert result.returncode == 0 and re.search(r"^\s*0\.5000\s+real\s", result.stdout, re.M), result.stdout
+
+    with torch.no_grad():
+        model.head[6].bias.fill_(20.0)  # RINE's float32 sigmoid says exactly 1 above a logit of about 16.6
+    assert rps.predict(model, items[0][0]).tolist() == [1.0]
+    model.config["TEST_CROP"] = "grid"  # the script's own scoring: float64, fake when P(fake) >= threshold
+    assert rps.predict(model, items[0][0])[0] < 1.0
+    with torch.no_grad():
+        model.head[6].bias.fill_(0.0)
+    rows, _, _, probs, _ = rps.evaluate_items(model, items, num_workers=0)
+    assert dict(zip(rps.METRIC_COLUMNS, rows[0][1:]))["real_acc"] == 0.0
+
+
+def test_rine_scoring_runs_the_backbone_as_rines_clip_load_does(monkeypatch):
+    # OpenAI's clip.load: fp16 on a GPU, float32 on the CPU; an AMP set explicitly still wins.
+    monkeypatch.setattr(rps, "cpu_has_fast_bf16", lambda: True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert rps.resolve_amp_dtype("auto", cpu) == torch.bfloat16
+    assert rps.resolve_amp_dtype("auto", cpu, rine_scoring=True) is None
+    assert rps.resolve_amp_dtype("auto", cuda, rine_scoring=True) == torch.float16
+    assert rps.resolve_amp_dtype("bf16", cuda, rine_scoring=True) == torch.bfloat16
+    # RINE's head runs in float32 on the backbone's tokens: no autocast for it.
+    assert rps.head_amp_dtype(argparse.Namespace(TEST_CROP="rine", AMP="bf16"), cuda) is None
+    assert rps.head_amp_dtype(argparse.Namespace(TEST_CROP="grid", AMP="bf16"), cuda) == torch.bfloat16
 
 
 def _pickled_object(path):

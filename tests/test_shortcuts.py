@@ -336,6 +336,17 @@ def test_training_warns_before_the_first_epoch(tmp_path, tiny_backbone):
     assert first_warning < result.stdout.index("epoch 1:")
 
 
+def test_an_image_as_large_as_the_crop_is_not_under_it():
+    def header(width, height):
+        return dict(width=width, height=height, format="PNG", mode="RGB", jpeg_quality=None)
+
+    summary = rps.header_summary([header(224, 224), header(223, 300), header(300, 224), header(400, 400)], 224)
+    assert summary["below_crop"] == 0.25  # only the 223 px side is under a 224 px crop
+    real = rps.header_summary([header(224, 224)] * 6, 224)
+    fake = rps.header_summary([header(256, 256)] * 6, 224)
+    assert real["below_crop"] == 0 and not any("smaller than" in line for line in rps.shortcut_warnings(real, fake, 224))
+
+
 def test_bias_warning_for_jpeg_quality_and_colour_mode():
     def headers(n, **values):
         return [dict(width=256, height=256, format="JPEG", mode="RGB", jpeg_quality=90, **{}) | values for _ in range(n)]
