@@ -2783,7 +2783,8 @@ def rine_checkpoint(path, clip_model, amp):
     state, width, n_blocks, dim, nproj = read_rine_weights(path)
     config = vars(default_config())
     config.update(CLIP_MODEL=clip_model, AMP=amp, USE_SPECTRAL=False, USE_TIE=True, BLOCKS="all", PROJ_DIM=dim,
-                  NPROJ=nproj, CROP_SIZE=224, DROPOUT=0.5, TEST_CROP="rine")
+                  NPROJ=nproj, CROP_SIZE=224, DROPOUT=0.5, TEST_CROP="rine",
+                  TRAIN_RECIPE="rine", JPEG_QUALITY_MIN=30)  # how RINE trained it (a record; nothing here trains it)
     backbone = {"hidden_size": width, "num_hidden_layers": n_blocks}  # checked when the backbone is loaded
     checkpoint = checkpoint_record(config, backbone, state, 0, {}, [])
     checkpoint["imported_from"] = {"file": Path(path).name,
