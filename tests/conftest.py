@@ -4,7 +4,9 @@ Everything runs on the CPU, offline, inside pytest's tmp folders: nothing is wri
 repository's data/ or checkpoints/, and no model weights are downloaded.
 """
 
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,3 +138,23 @@ def run_copied_script(args, cwd, timeout=900):
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH="")
     return subprocess.run([sys.executable, "-I", SCRIPT.name, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- test lanes
+# `pytest -m "not slow" tests` is the fast lane (unit tests, a minute or two on 2 cores); the README's
+# command and CI run everything. A test is slow when it trains a model or runs the script or a benchmark
+# as a process: through one of these fixtures (each does so once per module or session), by calling one of
+# these in its own body, or when it is marked @pytest.mark.slow itself.
+SLOW_FIXTURES = {
+    "demo", "run", "trained", "reference", "interrupted", "boundary_reference", "bad_runs", "failures",
+    "group_signalled", "cache_runs", "torchrun_run", "executed", "help_entries", "help_options",
+}
+SLOW_CALLS = re.compile(r"\b(run_script|run_copied_script|run_benchmark|torchrun|train_tiny_checkpoint|rps\.train|"
+                        r"subprocess\.|get_context|Run)\(")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        body = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or SLOW_CALLS.search(body):
+            item.add_marker(pytest.mark.slow)
