@@ -1,7 +1,9 @@
 """RINE+SSCA: tell real photographs from AI-generated images.
 
 One file, read top to bottom: configuration, setup, losses, modules, model, data,
-evaluation, pictures, checkpoints, heatmaps, training, command line.
+evaluation, pictures, checkpoints, training, command line. The tools that are not the
+detector (benchmark protocols, check-data, RINE's format, heatmaps, eval's pictures) are
+in the package rine_plus_ssca_tools/ beside it; this file alone trains, evaluates and predicts.
 
     python rine_plus_ssca.py --demo                  # offline: tiny backbone, generated data, ~2.5 min on a 2-core CPU
     python rine_plus_ssca.py                         # train with the constants below (data/train, data/val)
@@ -13,7 +15,8 @@ evaluation, pictures, checkpoints, heatmaps, training, command line.
 Training writes checkpoints/best_rine_plus_ssca.pth (best epoch by SELECT_METRIC) and
 checkpoints/last_rine_plus_ssca.pth (every epoch). In a notebook:
 
-    from rine_plus_ssca import explain, load_detector, predict
+    from rine_plus_ssca import load_detector, predict
+    from rine_plus_ssca_tools.heatmaps import explain
     model = load_detector("checkpoints/best_rine_plus_ssca.pth")
     p_fake = predict(model, ["photo.jpg"])          # NumPy array, P(fake) per image (calibrated in training)
     maps = explain(model, ["photo.jpg"])            # where each image looks generated; draw_explanation(maps[0])
@@ -32,6 +35,7 @@ import csv
 import difflib
 import functools
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -45,7 +49,6 @@ import sys
 import threading
 import time
 import warnings
-import zipfile
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -226,6 +229,21 @@ class RunInterrupted(UserError):
     def __init__(self, message, signal_number=signal.SIGINT):
         super().__init__(message)
         self.exit_code = 128 + int(signal_number)
+
+
+TOOLS_PACKAGE = "rine_plus_ssca_tools"  # beside this file: protocols, check-data, RINE's format, heatmaps, plots
+
+
+def tools_module(name, needed_by):
+    """The module rine_plus_ssca_tools.<name>, imported when a command needs it (never at import time, so this
+    file alone still trains, evaluates and predicts); a UserError saying what is missing when it is absent."""
+    try:
+        return importlib.import_module(f"{TOOLS_PACKAGE}.{name}")
+    except ModuleNotFoundError as error:
+        if error.name not in (TOOLS_PACKAGE, f"{TOOLS_PACKAGE}.{name}"):  # a library it needs: Python names it
+            raise
+        raise UserError(f"{needed_by} needs the folder {TOOLS_PACKAGE}/ beside rine_plus_ssca.py (it comes with the "
+                        "project; clone the whole repository or `pip install -e .`).") from error
 
 
 def default_config():
@@ -868,11 +886,6 @@ def scan_image_folder(root):
     return items, unlabeled
 
 
-def generator_of(group):
-    """The generator a group belongs to: its first folder ('biggan/cat' -> 'biggan')."""
-    return group.split("/")[0]
-
-
 def filter_classes(items, train_classes, folder=None):
     """Keep items whose group path contains one of the comma-separated folder names.
 
@@ -978,21 +991,6 @@ def header_summary(headers, crop_size):
                 jpeg_quality=float(np.median(qualities)) if qualities else None, n_jpeg_quality=len(qualities))
 
 
-def summary_row(name, summary, crop_size):
-    """One row of the bias report table."""
-    def spread(values):
-        return f"{values.min()}/{int(np.median(values))}/{values.max()}"
-
-    def top(shares):
-        return ",".join(f"{value} {share:.0%}" for value, share in list(shares.items())[:3])
-
-    quality = "-" if summary["jpeg_quality"] is None else f"{summary['jpeg_quality']:.0f}"
-    return (name, summary["n"], spread(summary["widths"]), spread(summary["heights"]), f"{summary['below_crop']:.0%}",
-            top(summary["formats"]), f"{summary['jpeg_share']:.0%}", quality, top(summary["modes"]))
-
-
-BIAS_COLUMNS = ["images", "n", "width min/med/max", "height min/med/max", "under crop", "formats", "JPEG",
-                "JPEG quality (median)", "colour modes"]
 BIAS_SHARE_GAP = 0.3  # real and fake shares further apart than this are a shortcut worth a warning
 BIAS_SIZE_RATIO = 2.0  # ... and median shorter sides this many times apart
 BIAS_QUALITY_GAP = 10  # ... and median JPEG qualities this far apart
@@ -1035,34 +1033,20 @@ def shortcut_warnings(real, fake, crop_size):
     return found
 
 
-def bias_report(items, headers, crop_size):
-    """(table rows per label and per generator folder, shortcut warnings) from items and their
-    image_header dicts (None for unreadable files, left out)."""
-    groups = {}
-    for (_, label, group), header in zip(items, headers):
-        if header is not None:
-            groups.setdefault(("all", label), []).append(header)
-            groups.setdefault((group, label), []).append(header)
-    summaries = {key: header_summary(members, crop_size) for key, members in groups.items()}
-    rows = []
-    for group in ["all"] + sorted({group for group, _ in summaries if group != "all"}):
-        for label, name in ((0, "real"), (1, "fake")):
-            if (group, label) in summaries:
-                rows.append(summary_row(f"{name}" if group == "all" else f"{group} {name}", summaries[(group, label)],
-                                        crop_size))
-    both = ("all", 0) in summaries and ("all", 1) in summaries
-    return rows, shortcut_warnings(summaries[("all", 0)], summaries[("all", 1)], crop_size) if both else []
-
-
 def print_shortcut_warnings(items, crop_size, seed, per_class=2000, write=print):
-    """The shortcut warnings of check-data for a training set, from file headers only (no decoding);
-    a seeded sample of `per_class` images per class stands for a larger set."""
+    """The shortcut warnings of check-data (rine_plus_ssca_tools/data_check.py) for a training set, from file
+    headers only (no decoding); a seeded sample of `per_class` images per class stands for a larger set."""
     rng = random.Random(seed)
     sample = []
     for label in (0, 1):
         members = [item for item in items if item[1] == label]
         sample += rng.sample(members, per_class) if len(members) > per_class else members
-    _, found = bias_report(sample, [image_header(path) for path, _, _ in sample], crop_size)
+    headers = [image_header(path) for path, _, _ in sample]  # None: unreadable, left out
+    real = [header for item, header in zip(sample, headers) if header is not None and item[1] == 0]
+    fake = [header for item, header in zip(sample, headers) if header is not None and item[1] == 1]
+    found = []
+    if real and fake:
+        found = shortcut_warnings(header_summary(real, crop_size), header_summary(fake, crop_size), crop_size)
     for line in found:
         write(f"warning: possible shortcut: {line} (run check-data for the full report)")
     return found
@@ -1859,21 +1843,6 @@ def make_demo_image(rng, fake, method="bilinear", size=256):
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def make_spliced_demo_image(rng, generator="bilinear", size=256, crop_size=CROP_SIZE):
-    """A demo 'photo' with a square cut from a demo fake of `generator` (None: from another photo, nothing to
-    find) pasted at a random place inside its centre crop, a third of the crop's side (1/9 of its area): what
-    the heatmaps must find (tests, benchmarks/localisation.py).
-    -> (uint8 [size,size,3], (left, top, side) of the square in the centre crop's coordinates)."""
-    image = make_demo_image(rng, False, size=size)
-    donor = make_demo_image(rng, generator is not None, generator or "bilinear", size=size)
-    side, crop_origin = round(crop_size / 3), on_grid((size - crop_size) // 2)  # CentreCrop's origin
-    left, top = (int(v) for v in rng.integers(0, crop_size - side + 1, 2))
-    donor_left, donor_top = (int(v) for v in rng.integers(0, size - side + 1, 2))
-    image[crop_origin + top:crop_origin + top + side, crop_origin + left:crop_origin + left + side] = \
-        donor[donor_top:donor_top + side, donor_left:donor_left + side]
-    return image, (left, top, side)
-
-
 DEMO_LAYOUT = {  # split -> generator folder -> images per class
     "train": {"nearest": 80, "bilinear": 80},
     "val": {"nearest": 30, "bilinear": 30},
@@ -2308,151 +2277,21 @@ def tree_items(data_dir, real_dir=None):
     return [item for row in sorted(by_row) for item in by_row[row]]
 
 
-PROTOCOL_KEYS = {"description", "real_dir", "rows"}
-PROTOCOL_ROW_KEYS = {"name", "folder", "fake", "real", "expected"}
-
-
-def read_protocol(path):
-    """A protocol file (JSON): the rows of the table, in order, and the folders of each.
-
-        {"description": "...", "real_dir": "../RAISEpng",
-         "rows": [{"name": "progan", "folder": "progan"},
-                  {"name": "diffusion_datasets/guided", "fake": "diffusion_datasets/guided/1_fake",
-                   "real": "diffusion_datasets/imagenet/0_real"}]}
-
-    Paths are relative to --data. "folder": labels from the label folders inside (0_real/1_fake,
-    real/fake, nature/ai), categories merged; "fake" / "real": every image below is of that class,
-    no label folders needed. Each is one path or a list. A path starting with "{real_dir}" starts
-    at the protocol's real_dir (relative to --data), or at --real-dir when that is given.
-    "expected" (optional): the row's image count per class as the benchmark publishes it,
-    e.g. {"real": 1000, "fake": 1000}; eval notes a row whose count differs (expected_count_notes).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"No protocol file {path}; the shipped ones are protocols/rine20.json, protocols/synthbuster.json "
-                        "and protocols/genimage.json.")
-    try:
-        protocol = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); see protocols/rine20.json for the format.")
-    if not isinstance(protocol, dict) or not isinstance(protocol.get("rows"), list) or not protocol["rows"]:
-        raise UserError(f"{path} has no \"rows\" list; see protocols/rine20.json for the format.")
-    if set(protocol) - PROTOCOL_KEYS:
-        raise UserError(f"{path}: unknown key {sorted(set(protocol) - PROTOCOL_KEYS)[0]!r}; a protocol has {sorted(PROTOCOL_KEYS)}.")
-    names = set()
-    for number, row in enumerate(protocol["rows"], 1):
-        where = f"{path}, row {number}"
-        if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not row["name"]:
-            raise UserError(f"{where}: a row is an object with a \"name\" and its folders, e.g. {{\"name\": \"progan\", \"folder\": \"progan\"}}.")
-        if set(row) - PROTOCOL_ROW_KEYS:
-            raise UserError(f"{where} ({row['name']}): unknown key {sorted(set(row) - PROTOCOL_ROW_KEYS)[0]!r}; a row has {sorted(PROTOCOL_ROW_KEYS)}.")
-        for key in ("folder", "fake", "real"):
-            value = row.get(key, [])
-            if not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise UserError(f"{where} ({row['name']}): \"{key}\" must be a folder path or a list of them.")
-        expected = row.get("expected")
-        if expected is not None and not (isinstance(expected, dict) and expected and set(expected) <= {"real", "fake"}
-                                         and all(type(n) is int and n >= 0 for n in expected.values())):
-            raise UserError(f"{where} ({row['name']}): \"expected\" is the row's image count per class, "
-                            "e.g. {\"real\": 1000, \"fake\": 1000}.")
-        if not any(row.get(key) for key in ("folder", "fake", "real")):
-            raise UserError(f"{where} ({row['name']}): give its images as \"folder\", or as \"fake\" and \"real\" folders.")
-        if row["name"] in names:
-            raise UserError(f"{where}: the name {row['name']!r} is used twice.")
-        names.add(row["name"])
-    return protocol
-
-
-def protocol_items(data_dir, protocol, real_dir=None, source="the protocol"):
-    """Items of each protocol row, in the protocol's order.
-
-    A row none of whose own folders ("folder", "fake") exists is left out, and a missing real
-    folder leaves its rows with fakes only; both are named in a warning. A user with part of a
-    benchmark still gets a table of that part.
-    """
-    if real_dir is not None and "real_dir" not in protocol:
-        raise UserError(f"--real-dir has no use with {source}: its rows name their own real folders under --data.")
-    shared_reals = Path(real_dir) if real_dir is not None else (
-        data_dir / protocol["real_dir"] if "real_dir" in protocol else None)
-
-    def locate(folder):
-        if folder == "{real_dir}" or folder.startswith("{real_dir}/"):
-            if shared_reals is None:
-                raise UserError(f"{source} uses {{real_dir}} but sets no \"real_dir\"; give the folder with --real-dir.")
-            return Path(os.path.normpath(shared_reals / folder[len("{real_dir}"):].lstrip("/")))
-        return Path(os.path.normpath(data_dir / folder))
-
-    scans, missing = {}, {}
-
-    def images_of(row, key, label):
-        """(image, label, row name) for the row's folders under `key`; label None: from its label folders."""
-        found = []
-        folders = row.get(key, [])
-        for path in map(locate, [folders] if isinstance(folders, str) else folders):
-            if not path.is_dir():
-                missing.setdefault(str(path), []).append(row["name"])
-                continue
-            if path not in scans:
-                scans[path] = scan_image_folder(path)
-            labelled, unlabeled = scans[path]
-            if label is None:
-                found += [(image, image_label, row["name"]) for image, image_label, _ in labelled]
-                continue
-            opposite = [image for image, image_label, _ in labelled if image_label != label]
-            if opposite:
-                kind, other = ("fake", "real") if label else ("real", "fake")
-                raise UserError(f"{source} gives {path} as {kind} images of {row['name']}, but {opposite[0]} is in a {other} folder.")
-            found += [(image, label, row["name"]) for image in sorted([i for i, _, _ in labelled] + unlabeled)]
-        return found
-
-    items, absent_rows = [], []
-    for row in protocol["rows"]:
-        own = images_of(row, "folder", None) + images_of(row, "fake", 1)
-        if not own:  # its shared reals alone say nothing about this generator
-            absent_rows.append(row["name"])
-            continue
-        items += own + images_of(row, "real", 0)
-    missing = {path: rows for path, rows in missing.items() if set(rows) - set(absent_rows)}
-    if absent_rows and len(absent_rows) < len(protocol["rows"]):
-        print(f"warning: {len(absent_rows)} of the {len(protocol['rows'])} rows of {source} have no images under {data_dir} "
-              f"and are left out: {', '.join(absent_rows)}", file=sys.stderr)
-    for path, rows in missing.items():
-        print(f"warning: no folder {path}, named by {source} for {', '.join(rows)}", file=sys.stderr)
-    return items
-
-
-def expected_count_notes(protocol, items):
-    """One line per protocol row whose image count differs from its "expected" count, the one the
-    benchmark publishes: a partial download or stray files change what the row's numbers mean.
-    Rows with no images at all are left out (protocol_items warns about those)."""
-    found = {}
-    for _, label, row in items:
-        counts = found.setdefault(row, {"real": 0, "fake": 0})
-        counts["fake" if label else "real"] += 1
-    notes = []
-    for row in protocol["rows"]:
-        expected, counts = row.get("expected"), found.get(row["name"])
-        if expected and counts and any(counts[kind] != n for kind, n in expected.items()):
-            have = " and ".join(f"{counts[kind]} {kind}" for kind in expected)
-            want = " and ".join(f"{n} {kind}" for kind, n in expected.items())
-            notes.append(f"{row['name']} has {have} images where the benchmark has {want}.")
-    return notes
-
-
 def collect_test_items(data_dir, real_dir=None, max_per_class=None, seed=0, protocol=None):
     """Labelled (path, label, row name) items under data_dir, in the order of the table's rows.
 
     Without a protocol, each generator found in the tree is a row (generator_row_names).
     real_dir: the simple case of one folder of real images for every row that has none of its
     own; images under data_dir in no label folder are then taken as fakes (Synthbuster's
-    `<generator>/*.png`). protocol: a protocol file (read_protocol) naming each row's folders,
-    e.g. protocols/rine20.json. max_per_class: a seeded sample of at most N per class and row.
+    `<generator>/*.png`). protocol: a protocol file naming each row's folders, e.g. protocols/rine20.json
+    (read by rine_plus_ssca_tools/protocols.py). max_per_class: a seeded sample of at most N per class and row.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"No folder {data_dir}; give --data a folder holding <generator>/0_real|1_fake (or real|fake, nature|ai).")
     if protocol is not None:
-        items = protocol_items(data_dir, read_protocol(protocol), real_dir, source=str(protocol))
+        protocols = tools_module("protocols", "eval --protocol")
+        items = protocols.protocol_items(data_dir, protocols.read_protocol(protocol), real_dir, source=str(protocol))
         if not items:
             raise UserError(f"None of the folders named by {protocol} holds images under {data_dir}; "
                             "give --data the folder its paths start from (e.g. data/test for protocols/rine20.json).")
@@ -2525,7 +2364,7 @@ def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=Non
 
 
 # =====================================================================================
-# Pictures (matplotlib, headless)
+# Pictures of a training run (matplotlib, headless); eval's are in rine_plus_ssca_tools/plots.py
 # =====================================================================================
 
 def _pyplot():
@@ -2563,71 +2402,6 @@ def plot_block_importance(model, path):
     axis.bar([str(b) for b in model.backbone.blocks], weights)
     axis.axhline(1.0 / len(weights), color="gray", linestyle="--", label="uniform")
     axis.set(xlabel="CLIP block", ylabel="importance", title="TIE block importance")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_roc_pr(labels, probs, path):
-    """ROC and precision-recall curves over all scored images."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
-    plt = _pyplot()
-    figure, (roc_axis, pr_axis) = plt.subplots(1, 2, figsize=(9, 4))
-    if len(set(labels.tolist())) == 2:
-        fpr, tpr, _ = roc_curve(labels, probs)
-        precision, recall, _ = precision_recall_curve(labels, probs)
-        roc_axis.plot(fpr, tpr)
-        pr_axis.plot(recall, precision)
-    roc_axis.plot([0, 1], [0, 1], color="gray", linestyle="--")
-    roc_axis.set(xlabel="false positive rate (reals called fake)", ylabel="true positive rate", title="ROC")
-    pr_axis.set(xlabel="recall (fakes found)", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_reliability(labels, curves, path, n_bins=ECE_BINS):
-    """Reliability diagram of all scored images pooled: per bin of P(fake), the fraction of fakes against the
-    mean P(fake) (on the diagonal when calibrated), and below it the images per bin.
-    curves: {name: P(fake) of the images}, e.g. the calibrated and the raw P(fake)."""
-    plt = _pyplot()
-    figure, (curve_axis, count_axis) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
-                                                    gridspec_kw={"height_ratios": [3, 1.3]})
-    curve_axis.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
-    width = 1.0 / n_bins / len(curves)
-    for number, (name, probs) in enumerate(curves.items()):
-        counts, mean_p, fraction_fake = reliability_bins(labels, probs, n_bins)
-        filled = counts > 0
-        ece = expected_calibration_error(labels, probs, n_bins)
-        curve_axis.plot(mean_p[filled], fraction_fake[filled], marker="o", color=f"C{number}",
-                        label=f"{name} (ECE {ece:.3f})")
-        bars = count_axis.bar(np.arange(n_bins) / n_bins + (number + 0.5) * width, counts, width=width,
-                              color=f"C{number}", label=name)
-        count_axis.bar_label(bars, labels=[str(n) if n else "" for n in counts], fontsize=7)
-    curve_axis.set(ylabel="fraction of fakes", xlim=(0, 1), ylim=(-0.02, 1.02),
-                   title=f"reliability ({len(labels)} images, {n_bins} bins of P(fake))")
-    curve_axis.legend(loc="upper left")
-    count_axis.set(xlabel="P(fake)", ylabel="images per bin")
-    count_axis.margins(y=0.25)  # room for the counts above the bars
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-ROBUSTNESS_LEVEL_NAMES = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "resize factor"}
-
-
-def plot_robustness(kind, levels, mean_rows, clean_row, path):
-    """Mean accuracy and AP against the perturbation level, the clean result dashed."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5.5, 4))
-    acc_index, ap_index = 1 + METRIC_COLUMNS.index("acc"), 1 + METRIC_COLUMNS.index("ap")
-    for index, name, color in ((acc_index, "accuracy", "C0"), (ap_index, "AP", "C1")):
-        axis.plot([str(level) for level in levels], [row[index] for row in mean_rows], marker="o", color=color, label=name)
-        axis.axhline(clean_row[index], color=color, linestyle="--", alpha=0.6, label=f"{name}, clean")
-    axis.set(xlabel=ROBUSTNESS_LEVEL_NAMES[kind], ylim=(0, 1.02), title=f"robustness to {kind}")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -2721,91 +2495,6 @@ def read_checkpoint(path):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format')!r}; this script reads format "
                         f"{CHECKPOINT_FORMAT}. Use the script version that wrote it.")
     return checkpoint
-
-
-# RINE's released trainable checkpoints (github.com/mever-team/rine, ckpt/model_*_trainable.pth) are plain
-# dicts of tensors with the keys below; a USE_SPECTRAL=False checkpoint of this script holds the same ones.
-def rine_key_shapes(width, n_blocks, dim, nproj):
-    """{key: shape} of RINE's trainable weights for a backbone of `width` and `n_blocks` blocks, d'=dim."""
-    shapes = {"alpha": (1, n_blocks, dim)}
-    for name in ("proj1", "proj2"):
-        for i in range(nproj):  # Dropout, then nproj x [Linear, ReLU, Dropout]: the Linears are at 1, 4, 7, ...
-            shapes[f"{name}.{3 * i + 1}.weight"] = (dim, width if name == "proj1" and i == 0 else dim)
-            shapes[f"{name}.{3 * i + 1}.bias"] = (dim,)
-    for index, out_dim in ((0, dim), (3, dim), (6, 1)):  # head: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
-        shapes[f"head.{index}.weight"], shapes[f"head.{index}.bias"] = (out_dim, dim), (out_dim,)
-    return shapes
-
-
-def read_rine_weights(path):
-    """One of RINE's trainable checkpoints -> (state dict, backbone width, n_blocks, d', NPROJ), read from the shapes."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"No file {path}; download ckpt/model_4class_trainable.pth from github.com/mever-team/rine "
-                        "and pass it with --ckpt.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a torch.save file with objects
-            raise UserError(f"Refused {path}: loading it would need pickle, which can run arbitrary code. RINE's "
-                            "trainable checkpoints are plain dicts of tensors.") from error
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}); import-rine reads RINE's "
-                        "ckpt/model_*_trainable.pth files.") from error
-    if isinstance(state, dict) and "model" in state and "config" in state:
-        raise UserError(f"{path} is already a checkpoint of rine_plus_ssca.py; use it with eval/predict directly "
-                        "(import-rine reads RINE's own files).")
-    not_rine = f"{path} is not one of RINE's trainable checkpoints (a dict of tensors alpha, proj1.*, proj2.*, head.*)"
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              and v.is_floating_point() for k, v in state.items()):
-        raise UserError(f"{not_rine}.")
-    alpha, first = state.get("alpha"), state.get("proj1.1.weight")
-    if alpha is None or alpha.dim() != 3 or first is None or first.dim() != 2:
-        raise UserError(f"{not_rine}: no alpha [1,n_blocks,d'] or proj1.1.weight [d',width].")
-    n_blocks, dim, width = alpha.shape[1], alpha.shape[2], first.shape[1]
-    nproj = sum(1 for key in state if re.fullmatch(r"proj1\.\d+\.weight", key))
-    expected = rine_key_shapes(width, n_blocks, dim, nproj)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{not_rine}: missing {missing[:3]}, unexpected {unexpected[:3]}.")
-    wrong = [f"{key} {list(state[key].shape)} (expected {list(shape)})" for key, shape in expected.items()
-             if tuple(state[key].shape) != shape]
-    if wrong:
-        raise UserError(f"{path} has shapes that do not fit together (d'={dim}, NPROJ={nproj}, {n_blocks} blocks of "
-                        f"width {width}): {', '.join(wrong[:2])}.")
-    return {key: state[key].float().contiguous() for key in expected}, width, n_blocks, dim, nproj
-
-
-def rine_checkpoint(path, clip_model, amp):
-    """RINE's trainable checkpoint at `path` as a checkpoint of this script: USE_SPECTRAL=False, d' and NPROJ
-    from the shapes, every block, RINE's centre crop of 224."""
-    state, width, n_blocks, dim, nproj = read_rine_weights(path)
-    config = vars(default_config())
-    config.update(CLIP_MODEL=clip_model, AMP=amp, USE_SPECTRAL=False, USE_TIE=True, BLOCKS="all", PROJ_DIM=dim,
-                  NPROJ=nproj, CROP_SIZE=224, DROPOUT=0.5, TEST_CROP="rine",
-                  TRAIN_RECIPE="rine", JPEG_QUALITY_MIN=30)  # how RINE trained it (a record; nothing here trains it)
-    backbone = {"hidden_size": width, "num_hidden_layers": n_blocks}  # checked when the backbone is loaded
-    checkpoint = checkpoint_record(config, backbone, state, 0, {}, [])
-    checkpoint["imported_from"] = {"file": Path(path).name,
-                                   "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-    return checkpoint
-
-
-def rine_weights(checkpoint, path):
-    """A USE_SPECTRAL=False checkpoint's weights in RINE's format (what read_rine_weights reads back)."""
-    config, n_layers = checkpoint["config"], checkpoint["backbone_config"].get("num_hidden_layers")
-    if config.get("USE_SPECTRAL", True):
-        raise UserError(f"{path} is a RINE+SSCA checkpoint; only one trained with --no-use-spectral (RINE) can be "
-                        "written in RINE's format.")
-    if n_layers is None or parse_block_list(str(config.get("BLOCKS", "all")), n_layers) != list(range(n_layers)):
-        raise UserError(f"{path} uses BLOCKS={config.get('BLOCKS')!r}; RINE's format needs every block (BLOCKS='all').")
-    state = dict(checkpoint["model"])
-    if "alpha" not in state:  # USE_TIE=False: the plain mean over blocks is the TIE sum with alpha = 0
-        state["alpha"] = torch.zeros(1, n_layers, config["PROJ_DIM"])
-    return state
-
-
 
 
 def read_torch_checkpoint(path):
@@ -2968,144 +2657,6 @@ def predict(model, images, batch_size=32, tencrop=False):
         with head_autocast(device, amp_dtype):
             probabilities.append(model_probabilities(model, pixels).cpu())
     return torch.cat(probabilities).numpy() if probabilities else np.zeros(0)
-
-
-# =====================================================================================
-# Heatmaps: where an image looks generated
-# =====================================================================================
-
-EXPLAIN_WINDOW = 32  # without the spectral branch: side of the windows scored on their own (a multiple of 8)
-EXPLAIN_STRIDE = 16  # ... and the step between them
-
-
-class Explanation(SimpleNamespace):
-    """One image explained. image: what was passed (a path, or None for a PIL image); crop: uint8 [H,W,3], the
-    crop the detector sees; p_fake: its P(fake); local_p_fake: [h,w] map over the crop, the P(fake) the model
-    gives when the whole image looks like that region; local_logits: the same before the sigmoid (no ties
-    where probabilities round to 1); method: "spectral tokens" or "windows"."""
-
-
-def mirror_tiled(window, size):
-    """A size x size image made of `window` [h,w,3] and its mirror images: every part of it looks like the window.
-    Windows a multiple of 8 wide keep the 8-pixel grid of the DCT and of JPEG."""
-    return np.pad(window, ((0, size - window.shape[0]), (0, size - window.shape[1]), (0, 0)), mode="symmetric")
-
-
-@torch.inference_mode()
-def window_logits(model, crop, batch_size=32, window=EXPLAIN_WINDOW, stride=EXPLAIN_STRIDE):
-    """Without the spectral branch: every window of the crop [H,W,3] mirror-tiled to the crop's size and scored
-    by the whole model; the logit of each 8x8 cell is the mean over the windows covering it. -> [H/8,W/8]."""
-    height, width = crop.shape[:2]
-    origins = [(top, left) for top in range(0, height - window + 1, stride) for left in range(0, width - window + 1, stride)]
-    device = next(model.parameters()).device
-    sums, counts = torch.zeros(height // GRID, width // GRID), torch.zeros(height // GRID, width // GRID)
-    for start in range(0, len(origins), batch_size):
-        chunk = origins[start:start + batch_size]
-        tiled = np.stack([mirror_tiled(crop[top:top + window, left:left + window], height) for top, left in chunk])
-        logits, _ = model(normalise_uint8(torch.from_numpy(tiled).permute(0, 3, 1, 2).to(device)))
-        for (top, left), logit in zip(chunk, logits.float().cpu()):
-            cells = (slice(top // GRID, (top + window) // GRID), slice(left // GRID, (left + window) // GRID))
-            sums[cells] += logit
-            counts[cells] += 1
-    return sums / counts.clamp(min=1)
-
-
-@torch.inference_mode()
-def explain(model, images, batch_size=32):
-    """Where each image looks generated: a list of Explanation, one per image (a path, a PIL image, or a list).
-
-    With the spectral branch (the default model) the map is the head's answer for each position of the
-    spectral map (RINEPlusSSCA.local_logits): cheap, one backbone pass. Without it (RINE) each 32x32 window
-    is mirror-tiled to a whole crop and scored: about 170 forward passes per image. Both are P(fake) at the
-    model's temperature, so the map and the image's P(fake) read on one scale. The map covers the centre crop,
-    the one predict scores without --tencrop. See docs/GUIDE.md, "Heatmaps".
-    """
-    if isinstance(images, (str, Path, Image.Image)):
-        images = [images]
-    cfg = SimpleNamespace(**model.config)
-    centre_crop = build_transform(cfg, train=False)
-    device = next(model.parameters()).device
-    amp_dtype, float32 = head_amp_dtype(cfg, device), scores_as_rine(cfg)
-    model.eval()
-    explanations = []
-    for image in images:
-        crop = centre_crop(load_rgb(image))  # uint8 [3,H,W]
-        with head_autocast(device, amp_dtype):
-            if model.use_spectral:
-                logit, local = model.local_logits(normalise_uint8(crop[None].to(device)))
-                method = "spectral tokens"
-            else:
-                logit, _ = model(normalise_uint8(crop[None].to(device)))
-                local, method = window_logits(model, crop.permute(1, 2, 0).numpy(), batch_size), "windows"
-        explanations.append(Explanation(image=image if isinstance(image, (str, Path)) else None,
-                                        crop=crop.permute(1, 2, 0).numpy(),
-                                        p_fake=float(probabilities_from_logits(logit.cpu(), model.temperature, float32)[0]),
-                                        local_p_fake=probabilities_from_logits(local.cpu().numpy().ravel(), model.temperature,
-                                                                               float32).reshape(local.shape),
-                                        local_logits=local.cpu().numpy(), method=method))
-    return explanations
-
-
-def peak_of(explanation):
-    """(x, y) in the crop's pixels: the centre of the map's cell with the highest local P(fake) (the first if tied)."""
-    cells = explanation.local_logits
-    row, column = np.unravel_index(int(np.argmax(cells)), cells.shape)
-    height, width = explanation.crop.shape[:2]
-    return float((column + 0.5) * width / cells.shape[1]), float((row + 0.5) * height / cells.shape[0])
-
-
-def draw_explanation(explanation, threshold=0.5):
-    """The crop beside the crop under its map of local P(fake): a matplotlib Figure (notebooks show it; .savefig
-    writes it). Built without pyplot, so it changes no backend and is safe in notebooks and scripts alike."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8.6, 4.4))
-    image_axis, map_axis = figure.subplots(1, 2)
-    image_axis.imshow(explanation.crop)
-    image_axis.set_title("crop the detector sees", fontsize=10)
-    overlay = overlay_explanation(map_axis, explanation)
-    map_axis.set_title(f"where it looks generated ({explanation.method})", fontsize=10)
-    figure.colorbar(overlay, ax=map_axis, fraction=0.046, pad=0.03, label="local P(fake)")
-    for axis in (image_axis, map_axis):
-        axis.axis("off")
-    verdict = "fake" if explanation.p_fake >= threshold else "real"
-    figure.suptitle(f"P(fake) {explanation.p_fake:.3f}: {verdict} at threshold {threshold:g}",
-                    color="red" if verdict == "fake" else "green")
-    figure.tight_layout()
-    return figure
-
-
-def overlay_explanation(axis, explanation, alpha=0.55):
-    """Draw the crop with its local P(fake) map over it on a matplotlib axis; returns the map's image (for a colour bar).
-    The colour scale is fixed, 0 to 1: a real photo's map stays dark instead of being stretched to its own maximum."""
-    height, width = explanation.crop.shape[:2]
-    axis.imshow(explanation.crop)
-    return axis.imshow(explanation.local_p_fake, cmap="inferno", vmin=0.0, vmax=1.0, alpha=alpha,
-                       extent=(0, width, height, 0), interpolation="bilinear")
-
-
-def explanation_file_names(paths):
-    """A PNG name per image path: its file name, with as many of the folders above it as make every name unique."""
-    stems = [[part for part in Path(path).with_suffix("").parts if part not in ("/", "\\", "..", ".")] for path in paths]
-    for depth in range(1, max((len(stem) for stem in stems), default=1) + 1):
-        names = ["_".join(stem[-depth:]) for stem in stems]
-        if len(set(names)) == len(names):
-            return [name + ".png" for name in names]
-    return [f"{index:04d}_{'_'.join(stem)}.png" for index, stem in enumerate(stems)]  # the same path twice
-
-
-def write_explanations(model, paths, out_dir, threshold, batch_size=32):
-    """predict --explain: one picture per image path in out_dir; returns the written paths."""
-    from tqdm import tqdm
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path, name in tqdm(list(zip(paths, explanation_file_names(paths))), desc="heatmaps", leave=False):
-        figure = draw_explanation(explain(model, path, batch_size)[0], threshold)
-        figure.savefig(out_dir / name, dpi=100)
-        written.append(out_dir / name)
-    return written
 
 
 # =====================================================================================
@@ -3893,6 +3444,11 @@ def run_eval(args):
     check_numbers(args)
     if any(factor <= 0 for factor in args.resize):
         raise UserError(f"--resize takes factors above 0 (0.5 halves each side), got {args.resize}.")
+    protocols = tools_module("protocols", "eval --protocol") if args.protocol else None
+    try:  # the pictures are optional: without the package the tables are still written
+        plots, no_plots = tools_module("plots", "drawing eval's ROC/PR, reliability and robustness pictures"), None
+    except UserError as missing:
+        plots, no_plots = None, f"note: {missing} The tables are written without them."
     model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device, calibrated=not args.uncalibrated)
     items = collect_test_items(args.data, args.real_dir, args.max_per_class, args.seed, args.protocol)
     threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold  # the papers' protocol
@@ -3906,11 +3462,12 @@ def run_eval(args):
     print(probabilities_are)
     markdown = [f"# {args.data} with {args.ckpt} (threshold {threshold})\n", f"{probabilities_are}.\n"]
     if args.protocol:
-        protocol = read_protocol(args.protocol)
+        protocol = protocols.read_protocol(args.protocol)
         line = f"protocol {args.protocol}" + (f": {protocol['description']}" if protocol.get("description") else "")
         print(line)
         markdown.append(f"{line}\n")
-        for note in ([] if args.max_per_class else expected_count_notes(protocol, items)):  # a sample has fewer by design
+        notes = [] if args.max_per_class else protocols.expected_count_notes(protocol, items)  # a sample has fewer
+        for note in notes:
             print(f"note: {note}")
             markdown.append(f"\nNote: {note}\n")
     csv_rows, mean_rows, written = [], {}, [f"{stem}.csv", f"{stem}.md"]
@@ -3931,14 +3488,16 @@ def run_eval(args):
         if note:
             print(f"note: {note}")
             markdown.append(f"\nNote: {note}\n")
-        if set(labels.tolist()) == {0, 1}:
-            plot_roc_pr(labels, probs, out_dir / f"{stem}_roc_pr.png")
+        if plots and set(labels.tolist()) == {0, 1}:
+            plots.plot_roc_pr(labels, probs, out_dir / f"{stem}_roc_pr.png")
             written.append(f"{stem}_roc_pr.png")
         # P(fake) at T = 1, whatever the model's temperature
         raw = probabilities_from_logits(logits, float32=scores_as_rine(model.config))
         calibrated = {f"calibrated P(fake), T = {model.temperature:.3g}": probs} if model.temperature != 1.0 else {}
-        plot_reliability(labels, {**calibrated, "raw P(fake), T = 1": raw}, out_dir / f"{stem}_reliability.png")
-        written.append(f"{stem}_reliability.png")
+        if plots:
+            plots.plot_reliability(labels, {**calibrated, "raw P(fake), T = 1": raw},
+                                   out_dir / f"{stem}_reliability.png")
+            written.append(f"{stem}_reliability.png")
         lines = calibration_lines(model, labels, probs, raw, args.tencrop)
         if args.target_fpr is not None and not (labels == 0).any():
             print("note: --target-fpr needs real images; there are none here.")
@@ -3955,14 +3514,16 @@ def run_eval(args):
     (out_dir / f"{stem}.md").write_text("\n".join(markdown) + "\n")
     for kind in perturbations:
         levels = [level for k, level in conditions if k == kind]
-        if levels and mean_rows[("clean", None)] is not None:
-            plot_robustness(kind, levels, [mean_rows[(kind, level)] for level in levels], mean_rows[("clean", None)],
-                            out_dir / f"{stem}_robustness_{kind}.png")
+        if plots and levels and mean_rows[("clean", None)] is not None:
+            plots.plot_robustness(kind, levels, [mean_rows[(kind, level)] for level in levels],
+                                  mean_rows[("clean", None)], out_dir / f"{stem}_robustness_{kind}.png")
             written.append(f"{stem}_robustness_{kind}.png")
     print()
     print_block_importance(model)
     plot_block_importance(model, out_dir / "tie_block_importance.png")
     written.append("tie_block_importance.png")
+    if no_plots:
+        print(no_plots)
     print(f"wrote in {out_dir}: " + ", ".join(written))
     return csv_rows
 
@@ -4035,6 +3596,7 @@ def run_predict(args):
         raise UserError("No image files to score; pass image files or folders that contain some.")
     if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
         raise UserError(f"--explain takes a folder for the pictures, but {args.explain} is a file; name a folder.")
+    heatmaps = tools_module("heatmaps", "predict --explain") if args.explain else None
     model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device, calibrated=not args.uncalibrated)
     threshold, stored_note = decision_threshold(model, args.threshold)
     scores, _, unreadable = score_items(model, [(f, 0, "") for f in files], args.batch_size, args.num_workers,
@@ -4066,146 +3628,12 @@ def run_predict(args):
             csv.writer(f).writerows([["path", "p_fake", "verdict"]] + results)
         print(f"wrote {args.out}")
     if args.explain:
-        written = write_explanations(model, [path for path in files if path in scores], args.explain, threshold,
-                                     args.batch_size)
+        written = heatmaps.write_explanations(model, [path for path in files if path in scores], args.explain,
+                                              threshold, args.batch_size)
         print(f"wrote {count_of(len(written), 'heatmap')} in {args.explain}" + (" (unreadable images have none)" if unreadable else ""))
         if args.tencrop:
             print("note: a heatmap covers the centre crop, and the P(fake) in its title is that crop's, not the ten-crop mean")
     return results
-
-
-def build_check_data_parser():
-    """Options of the check-data command."""
-    parser = OneLineErrorParser(prog="rine_plus_ssca.py check-data", allow_abbrev=False,
-                                description="Scan a folder tree without training: unreadable, tiny and unlabeled files, label counts, and a bias report (sizes, formats, JPEG qualities, colour modes of real vs fake) that warns of shortcuts.")
-    parser.add_argument("--data", required=True, help="folder to scan, e.g. data/train or data")
-    parser.add_argument("--min-side", type=int, default=64, help="images with a side shorter than this are listed as tiny")
-    parser.add_argument("--crop-size", type=int, default=CROP_SIZE,
-                        help="the training crop (CROP_SIZE): the bias report counts images smaller than it")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding processes")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return parser
-
-
-def inspect_image(path):
-    """(path, width, height, error text or None, image_header or None): the full decode a training run would do."""
-    try:
-        header = image_header(path)
-        image = open_image(path)
-        return path, image.width, image.height, None, header
-    except Exception as error:
-        return path, 0, 0, f"{type(error).__name__}: {error}", None
-
-
-def run_check_data(args):
-    """The check-data command; exit code 1 when unreadable images were found or no image is labelled."""
-    check_numbers(args)
-    from concurrent.futures import ProcessPoolExecutor
-
-    root = Path(args.data)
-    if not root.is_dir():
-        raise UserError(f"No folder {root}; pass --data with the folder to check.")
-    items, unlabeled = scan_image_folder(root)
-    others = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
-              and not p.name.startswith(".")]
-    paths = [item[0] for item in items] + unlabeled
-    print(f"checking {count_of(len(paths), 'image file')} under {root} with {args.workers} processes ...")
-    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        results = list(pool.map(inspect_image, paths, chunksize=64))
-    unreadable = [(path, error) for path, _, _, error, _ in results if error]
-    tiny = [(path, w, h) for path, w, h, error, _ in results if not error and min(w, h) < args.min_side]
-    print(f"\nlabel counts per folder (under {root}):")
-    print(format_table(["folder", "real", "fake"], count_table(items)))
-    if items:
-        rows, found = bias_report(items, [result[4] for result in results[:len(items)]], args.crop_size)
-        print(f"\nbias report (readable images; 'under crop': a side under the {args.crop_size} px crop, mirror-padded):")
-        print(format_table(BIAS_COLUMNS, rows))
-        print(f"possible shortcuts (real and fake differ): {len(found)}")
-        for line in found:
-            print(f"  warning: {line}")
-    print(f"\nunreadable images: {len(unreadable)}")
-    for path, error in unreadable:
-        print(f"  {path}  ({error})")
-    print(f"tiny images (a side under {args.min_side} px, padded to the crop): {len(tiny)}")
-    for path, w, h in tiny:
-        print(f"  {path}  ({w}x{h})")
-    print(f"unlabeled images (in no 0_real/real/nature or 1_fake/fake/ai folder, ignored): {len(unlabeled)}")
-    for path in unlabeled:
-        print(f"  {path}")
-    print(f"files without an image extension (ignored): {len(others)}")
-    for path in others[:20]:
-        print(f"  {path}")
-    if len(others) > 20:
-        print(f"  ... and {len(others) - 20} more")
-    if not items:
-        print(f"error: no labelled images under {root}; put them in 0_real/real/nature and 1_fake/fake/ai folders.",
-              file=sys.stderr)
-    return 1 if unreadable or not items else 0
-
-
-def build_export_parser():
-    """Options of the export command."""
-    parser = OneLineErrorParser(prog="rine_plus_ssca.py export", allow_abbrev=False,
-                                description="Write a checkpoint's trainable weights as safetensors (config in its metadata). "
-                                            "eval, predict and load_detector accept the file like a .pth checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth)")
-    parser.add_argument("--out", required=True, help="output file, e.g. detector.safetensors")
-    parser.add_argument("--rine-format", action="store_true",
-                        help="write a --no-use-spectral checkpoint as RINE's own trainable .pth (a dict of tensors), "
-                             "e.g. rine_trainable.pth, instead of safetensors")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return parser
-
-
-def run_export(args):
-    """The export command: trainable weights to safetensors, config, metrics and calibration as JSON metadata
-    (read_exported)."""
-    from safetensors.torch import save
-
-    checkpoint = read_checkpoint(args.ckpt)
-    if args.rine_format:
-        state = rine_weights(checkpoint, args.ckpt)
-        atomic_torch_save(state, args.out)
-        print(f"wrote {args.out} in RINE's format ({len(state)} tensors, d'={checkpoint['config']['PROJ_DIM']}, "
-              f"NPROJ={checkpoint['config']['NPROJ']})")
-        if "calibration" in checkpoint:
-            print(f"note: RINE's format holds the weights only; the temperature {checkpoint['calibration']['temperature']:.3g} "
-                  "fitted in training is not in it (P(fake) from the file is uncalibrated)")
-        return 0
-    tensors = {name: tensor.contiguous() for name, tensor in checkpoint["model"].items()}
-    metadata = {"format": str(CHECKPOINT_FORMAT), "config": json.dumps(checkpoint["config"]),
-                "metrics": json.dumps(checkpoint.get("metrics", {})),
-                "backbone_folder": checkpoint.get("backbone_folder") or ""}
-    if "calibration" in checkpoint:
-        metadata["calibration"] = json.dumps(checkpoint["calibration"])
-    atomic_write_bytes(save(tensors, metadata=metadata), args.out)
-    print(f"wrote {args.out} ({len(tensors)} tensors, {Path(args.out).stat().st_size / 1e6:.1f} MB)")
-    return 0
-
-
-def build_import_rine_parser():
-    """Options of the import-rine command."""
-    parser = OneLineErrorParser(prog="rine_plus_ssca.py import-rine", allow_abbrev=False,
-                                description="Turn one of RINE's released trainable checkpoints (github.com/mever-team/rine, "
-                                            "ckpt/model_*_trainable.pth) into a checkpoint for eval, predict and load_detector.")
-    parser.add_argument("--ckpt", required=True, help="RINE's file, e.g. model_4class_trainable.pth")
-    parser.add_argument("--out", required=True, help="checkpoint to write, e.g. checkpoints/rine_4class.pth")
-    parser.add_argument("--clip-model", default=CLIP_MODEL, help="the backbone RINE was trained on (CLIP ViT-L/14): "
-                        "a HuggingFace id or a local folder")
-    parser.add_argument("--amp", default="auto", choices=CHOICES["AMP"],
-                        help="backbone precision stored in the checkpoint (AMP); 'auto' = RINE's own: fp16 on a GPU, float32 on the CPU; 'off' = float32")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return parser
-
-
-def run_import_rine(args):
-    """The import-rine command: d' and NPROJ read from the shapes, written atomically."""
-    checkpoint = rine_checkpoint(args.ckpt, args.clip_model, args.amp)
-    atomic_torch_save(checkpoint, args.out)
-    config, backbone = checkpoint["config"], checkpoint["backbone_config"]
-    print(f"wrote {args.out}: RINE (USE_SPECTRAL=False) with d'={config['PROJ_DIM']}, NPROJ={config['NPROJ']}, for a "
-          f"backbone of width {backbone['hidden_size']} with {backbone['num_hidden_layers']} blocks ({args.clip_model})")
-    return 0
 
 
 def run_demo(cfg):
@@ -4233,25 +3661,29 @@ def run_demo(cfg):
 COMMANDS = {
     "eval": (build_eval_parser, run_eval),
     "predict": (build_predict_parser, run_predict),
-    "check-data": (build_check_data_parser, run_check_data),
-    "export": (build_export_parser, run_export),
-    "import-rine": (build_import_rine_parser, run_import_rine),
 }
+# Commands kept in the package beside this file: command -> its module there, whose COMMANDS gives
+# (parser builder, runner) as above. Imported only when such a command runs.
+TOOL_COMMANDS = {"check-data": "data_check", "export": "rine_format", "import-rine": "rine_format"}
 
 
 def main(argv=None):
     """Command-line entry point; returns the exit code (1 for a user mistake, printed as one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+    commands = [*COMMANDS, *TOOL_COMMANDS]
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        close = difflib.get_close_matches(argv[0], commands, n=1)
         print(f"rine_plus_ssca.py: error: unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
-              + f". Commands: {', '.join(COMMANDS)}; without one the script trains. Run with --help to see the options.",
+              + f". Commands: {', '.join(commands)}; without one the script trains. Run with --help to see the options.",
               file=sys.stderr)
         return 2
     try:
-        if argv and argv[0] in COMMANDS:
-            parser_builder, runner = COMMANDS[argv[0]]
+        if argv and argv[0] in commands:
+            if argv[0] in COMMANDS:
+                parser_builder, runner = COMMANDS[argv[0]]
+            else:
+                parser_builder, runner = tools_module(TOOL_COMMANDS[argv[0]], argv[0]).COMMANDS[argv[0]]
             result = runner(parser_builder().parse_args(argv[1:]))
             return result if isinstance(result, int) else 0
         given = vars(build_train_parser().parse_args(argv))
@@ -4278,4 +3710,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # The package's `import rine_plus_ssca` then finds this module, not a second copy with its own UserError.
+    sys.modules.setdefault("rine_plus_ssca", sys.modules["__main__"])
     sys.exit(main())

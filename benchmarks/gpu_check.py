@@ -43,6 +43,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rine_plus_ssca as rps  # noqa: E402
+from rine_plus_ssca_tools import heatmaps  # noqa: E402
 import throughput  # noqa: E402
 
 SCRIPT = Path(rps.__file__).resolve()
@@ -122,12 +123,12 @@ def measure_heatmaps(settings, device, work):
         cfg = base_config(settings, work, device)
         cfg.USE_SPECTRAL = spectral
         model = rps.build_model(cfg, device).eval()
-        rps.explain(model, images[:1])  # warm-up: kernels chosen, memory allocated
+        heatmaps.explain(model, images[:1])  # warm-up: kernels chosen, memory allocated
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        explanations = rps.explain(model, images)
+        explanations = heatmaps.explain(model, images)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - started) / len(images)

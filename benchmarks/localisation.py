@@ -4,18 +4,19 @@
     python benchmarks/localisation.py --ckpt checkpoints/demo/best_rine_plus_ssca.pth
 
 Each of --n images (default 50, seeded) is a demo 'photo' with a square a third of the crop's side (1/9 of
-its area) cut from a demo fake and pasted at a random place in the centre crop (make_spliced_demo_image).
+its area) cut from a demo fake and pasted at a random place in the centre crop
+(rine_plus_ssca_tools/heatmaps.py, make_spliced_demo_image).
 A method hits when its map is highest inside the square; a random point does so 11% of the time.
 
 Methods (maps on the crop's 8x8 cells, or on pixels averaged over them):
-  spectral tokens   the script's `explain`: the head's logit for each spectral token as if the whole map were it
-  windows           the script's method without the spectral branch: 32x32 windows mirror-tiled and scored
+  spectral tokens   heatmaps.explain: the head's logit for each spectral token as if the whole map were it
+  windows           its method without the spectral branch: 32x32 windows mirror-tiled and scored
   occlusion         logit drop when a 32x32 window (stride 16) is replaced by noise of its own mean and spread
   grad-cam          ReLU(sum over channels of gradient x activation) on the SSCA output map
   attention         z_clip's cross-attention weights over the spectral tokens, mean over heads
   spatial gate      the SSCA spatial gate
   input gradient    |gradient x input| of the pixels (through the spectral branch; CLIP runs without gradients)
-Controls for the script's method: the same images scored by an untrained head of the same shape (a map that
+Controls for heatmaps.explain: the same images scored by an untrained head of the same shape (a map that
 does not depend on what the model learned explains nothing), a square cut from another real photo (nothing
 generated to find: about 11% expected), and squares from the other demo generators.
 """
@@ -31,12 +32,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rine_plus_ssca as rps  # noqa: E402
+from rine_plus_ssca_tools import heatmaps  # noqa: E402
 
 
 def spliced_images(n, generator, seed):
     """[(uint8 image, (left, top, side))]; generator "real" pastes a square from another real photo."""
     rng = np.random.default_rng(seed)
-    return [rps.make_spliced_demo_image(rng, None if generator == "real" else generator) for _ in range(n)]
+    return [heatmaps.make_spliced_demo_image(rng, None if generator == "real" else generator) for _ in range(n)]
 
 
 def centre_crop_pixels(model, image):
@@ -108,11 +110,11 @@ def occlusion(model, crop, pixels, window=32, stride=16):
 
 
 def script_method(model, crop, pixels):
-    return torch.from_numpy(rps.explain(model, rps.Image.fromarray(crop))[0].local_logits)
+    return torch.from_numpy(heatmaps.explain(model, rps.Image.fromarray(crop))[0].local_logits)
 
 
 def windows(model, crop, pixels):
-    return rps.window_logits(model, crop)
+    return heatmaps.window_logits(model, crop)
 
 
 SPECTRAL_ONLY = {"grad-cam", "attention", "spatial gate", "input gradient"}
@@ -126,7 +128,7 @@ def hit_rate(model, method, images):
     for image, (left, top, side) in images:
         crop, pixels = centre_crop_pixels(model, image)
         cells = method(model, crop, pixels).detach().float().numpy()
-        x, y = rps.peak_of(rps.Explanation(crop=crop, local_logits=cells))
+        x, y = heatmaps.peak_of(heatmaps.Explanation(crop=crop, local_logits=cells))
         hits += left <= x < left + side and top <= y < top + side
     return hits / len(images), (time.perf_counter() - started) / len(images)
 

@@ -25,6 +25,11 @@ def labels_by_relpath(root):
     return {rel(path): (label, group) for path, label, group in items}, sorted(rel(p) for p in unlabeled)
 
 
+def generator_of(group):
+    """The generator a group belongs to: its first folder ('biggan/cat' -> 'biggan')."""
+    return group.split("/")[0]
+
+
 def test_cnndetection_layout(tmp_path):
     touch_images(tmp_path, ["car/0_real/a.png", "car/1_fake/b.png", "cat/0_real/c.jpg", "cat/1_fake/d.JPEG"])
     labelled, unlabeled = labels_by_relpath(tmp_path)
@@ -65,7 +70,7 @@ def test_nested_layouts_name_the_generator(tmp_path):
     assert labelled["sdv4/train/ai/c.png"] == (1, "sdv4/train")
     assert labelled["sdv4/train/nature/d.png"] == (0, "sdv4/train")
     assert labelled["fake/extra/deeper/e.png"] == (1, ".")  # the label folder may sit above sub-folders
-    assert rps.generator_of("biggan/cat") == "biggan" and rps.generator_of("sdv4/train") == "sdv4"
+    assert generator_of("biggan/cat") == "biggan" and generator_of("sdv4/train") == "sdv4"
 
 
 def test_nearest_label_folder_above_an_image_decides(tmp_path):

@@ -20,6 +20,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools import heatmaps
 from conftest import nonempty_lines, run_script, train_tiny_checkpoint
 
 THRESHOLD = 0.5
@@ -530,7 +531,7 @@ def test_predict_explain_draws_each_readable_image_and_reports_the_broken_ones(o
     lines = parse_predict_output(result.stdout)
     assert all(lines[name] == ("-", "skipped") for name in unreadable)  # still reported, not drawn
     # Each picture's P(fake) is the one predict printed (the same centre crop, no --tencrop).
-    explanations = rps.explain(model, list(readable.values()))
+    explanations = heatmaps.explain(model, list(readable.values()))
     for name, explanation in zip(readable, explanations):
         assert abs(explanation.p_fake - float(lines[name][0])) <= ROUNDED, name
         assert explanation.local_p_fake.shape == (28, 28) and explanation.crop.shape == (224, 224, 3)

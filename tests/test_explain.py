@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools import heatmaps
 
 N_SPLICED = 50
 
@@ -21,7 +22,7 @@ def hits(model, images):
     """How many maps peak inside their square."""
     count = 0
     for image, (left, top, side) in images:
-        x, y = rps.peak_of(rps.explain(model, Image.fromarray(image))[0])
+        x, y = heatmaps.peak_of(heatmaps.explain(model, Image.fromarray(image))[0])
         count += left <= x < left + side and top <= y < top + side
     return count
 
@@ -36,7 +37,7 @@ def demo_model(demo):
 @pytest.fixture(scope="module")
 def spliced():
     rng = np.random.default_rng(0)
-    return [rps.make_spliced_demo_image(rng, "bilinear") for _ in range(N_SPLICED)]
+    return [heatmaps.make_spliced_demo_image(rng, "bilinear") for _ in range(N_SPLICED)]
 
 
 def test_spliced_squares_are_a_ninth_of_the_crop_and_inside_it(spliced):
@@ -91,19 +92,19 @@ def test_without_the_spectral_branch_each_cell_is_the_mean_over_the_windows_cove
     torch.manual_seed(0)
     model = rps.build_model(make_cfg(USE_SPECTRAL=False), torch.device("cpu")).eval()
     crop = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    window, stride = rps.EXPLAIN_WINDOW, rps.EXPLAIN_STRIDE
+    window, stride = heatmaps.EXPLAIN_WINDOW, heatmaps.EXPLAIN_STRIDE
     assert (window, stride) == (32, 16)
-    tiled = rps.mirror_tiled(crop[:32, :32], 224)
+    tiled = heatmaps.mirror_tiled(crop[:32, :32], 224)
     assert tiled.shape == (224, 224, 3)
     np.testing.assert_array_equal(tiled[:32, :32], crop[:32, :32])
     np.testing.assert_array_equal(tiled[:32, 32:64], crop[:32, :32][:, ::-1])  # mirrored, so no seam
     np.testing.assert_array_equal(tiled[32:64, :32], crop[:32, :32][::-1])
 
-    cells = rps.window_logits(model, crop, batch_size=7)
+    cells = heatmaps.window_logits(model, crop, batch_size=7)
     assert cells.shape == (28, 28)
 
     def logit_of(top, left):
-        pixels = rps.normalise_uint8(torch.from_numpy(rps.mirror_tiled(crop[top:top + 32, left:left + 32], 224)).permute(2, 0, 1)[None])
+        pixels = rps.normalise_uint8(torch.from_numpy(heatmaps.mirror_tiled(crop[top:top + 32, left:left + 32], 224)).permute(2, 0, 1)[None])
         with torch.no_grad():
             return model(pixels)[0].item()
 
@@ -112,7 +113,7 @@ def test_without_the_spectral_branch_each_cell_is_the_mean_over_the_windows_cove
     expected = np.mean([logit_of(top, left) for top in (0, 16) for left in (16, 32)])
     assert cells[3, 5].item() == pytest.approx(expected, abs=1e-5)
 
-    explanation = rps.explain(model, Image.fromarray(crop))[0]
+    explanation = heatmaps.explain(model, Image.fromarray(crop))[0]
     assert explanation.method == "windows"
     np.testing.assert_allclose(explanation.local_logits, cells.numpy(), atol=1e-5)
 
@@ -121,7 +122,7 @@ def test_explanations_read_on_the_scale_of_p_fake(make_cfg):
     torch.manual_seed(0)
     model = rps.build_model(make_cfg(), torch.device("cpu")).eval()
     images = [Image.fromarray(rps.make_demo_image(np.random.default_rng(i), i % 2 == 1, size=260)) for i in range(3)]
-    explanations = rps.explain(model, images)
+    explanations = heatmaps.explain(model, images)
     np.testing.assert_allclose([e.p_fake for e in explanations], rps.predict(model, images), atol=1e-5)
     for explanation, image in zip(explanations, images):
         assert explanation.image is None and explanation.method == "spectral tokens"
@@ -135,7 +136,7 @@ def test_the_map_reads_on_the_p_fake_scale_at_a_temperature_other_than_one(make_
     model = rps.build_model(make_cfg(), torch.device("cpu")).eval()
     model.temperature = 2.0  # a calibrated checkpoint's; the demo's validation set always leaves it at 1
     images = [Image.fromarray(rps.make_demo_image(np.random.default_rng(i), i % 2 == 1, size=260)) for i in range(2)]
-    explanations = rps.explain(model, images)
+    explanations = heatmaps.explain(model, images)
     np.testing.assert_allclose([e.p_fake for e in explanations], rps.predict(model, images), atol=1e-5)
     for explanation in explanations:
         local = explanation.local_logits.astype(np.float64)
@@ -147,8 +148,8 @@ def test_drawing_makes_a_two_panel_figure_without_touching_the_pyplot_backend(ma
     torch.manual_seed(0)
     model = rps.build_model(make_cfg(), torch.device("cpu")).eval()
     backend = matplotlib.get_backend()
-    explanation = rps.explain(model, Image.fromarray(rps.make_demo_image(np.random.default_rng(0), True)))[0]
-    figure = rps.draw_explanation(explanation, threshold=0.5)
+    explanation = heatmaps.explain(model, Image.fromarray(rps.make_demo_image(np.random.default_rng(0), True)))[0]
+    figure = heatmaps.draw_explanation(explanation, threshold=0.5)
     assert len([axis for axis in figure.axes if axis.images]) == 2
     assert f"P(fake) {explanation.p_fake:.3f}" in figure._suptitle.get_text()
     figure.savefig(tmp_path / "map.png")
@@ -157,8 +158,8 @@ def test_drawing_makes_a_two_panel_figure_without_touching_the_pyplot_backend(ma
 
 
 def test_picture_names_are_unique_and_readable():
-    assert rps.explanation_file_names(["a/x.png", "b/x.png", "c/y.jpg"]) == ["a_x.png", "b_x.png", "c_y.png"]
-    assert rps.explanation_file_names(["mine/gray.png", "mine/tiny.png"]) == ["gray.png", "tiny.png"]
-    assert rps.explanation_file_names(["/abs/p.png"]) == ["p.png"]
-    names = rps.explanation_file_names(["d/x.png", "d/x.jpg"])  # same stem in the same folder
+    assert heatmaps.explanation_file_names(["a/x.png", "b/x.png", "c/y.jpg"]) == ["a_x.png", "b_x.png", "c_y.png"]
+    assert heatmaps.explanation_file_names(["mine/gray.png", "mine/tiny.png"]) == ["gray.png", "tiny.png"]
+    assert heatmaps.explanation_file_names(["/abs/p.png"]) == ["p.png"]
+    names = heatmaps.explanation_file_names(["d/x.png", "d/x.jpg"])  # same stem in the same folder
     assert len(set(names)) == 2 and all(name.endswith(".png") for name in names)

@@ -134,7 +134,7 @@ def test_every_command_named_exists(document):
     for line in code_lines(text):
         command = command_of(line)
         if command is not None and command != "train":
-            assert command in rps.COMMANDS, f"{path.name}: unknown command {command!r} in {line!r}"
+            assert command in {**rps.COMMANDS, **rps.TOOL_COMMANDS}, f"{path.name}: unknown command {command!r} in {line!r}"
 
 
 def test_every_option_named_exists(document, help_options):
@@ -196,7 +196,7 @@ def test_chinese_readme_links_to_the_chinese_guide():
 # --------------------------------------------------------------------------- quoted messages
 
 MESSAGE_QUOTE = re.compile(r"^(error|warning|note): ")
-SCRIPT_PATH = REPO / SCRIPT
+SOURCES = [REPO / SCRIPT, *sorted((REPO / "rine_plus_ssca_tools").glob("*.py"))]  # the script and its package
 
 
 def quoted_messages(text):
@@ -247,11 +247,11 @@ def _pattern(node, names, seen=()):
 
 
 def script_message_patterns():
-    """A regex per message the script can print: the first argument of every call that builds a string
-    (print, UserError, ...). A UserError is printed as 'error: <message>'."""
-    tree = ast.parse(SCRIPT_PATH.read_text(encoding="utf-8"))
+    """A regex per message the script (or a command of its package) can print: the first argument of every
+    call that builds a string (print, UserError, ...). A UserError is printed as 'error: <message>'."""
+    trees = [ast.parse(path.read_text(encoding="utf-8")) for path in SOURCES]
     patterns = []
-    for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+    for function in [n for tree in trees for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
         names = _string_assignments(function)
         for call in _own_nodes(function):
             if not isinstance(call, ast.Call) or not call.args:

@@ -1,8 +1,8 @@
 """notebooks/inference.ipynb, executed end to end with nbclient against a checkpoint trained here.
 
-The project root is rebuilt in tmp: a copy of rine_plus_ssca.py, the notebook in notebooks/, a
-small tree laid out like the demo's data/demo/{train,val,test}, and a checkpoint trained into
-checkpoints/demo/ with the demo's relative backbone path, as `--demo` leaves them.
+The project root is rebuilt in tmp: a copy of rine_plus_ssca.py and rine_plus_ssca_tools/, the notebook
+in notebooks/, a small tree laid out like the demo's data/demo/{train,val,test}, and a checkpoint trained
+into checkpoints/demo/ with the demo's relative backbone path, as `--demo` leaves them.
 """
 
 import os
@@ -24,6 +24,7 @@ SCORE_LINE = re.compile(r"^(\d+\.\d{3})  (real|fake)  (\S+)$")
 def executed(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebook_root")
     shutil.copy(REPO / "rine_plus_ssca.py", root / "rine_plus_ssca.py")
+    shutil.copytree(REPO / "rine_plus_ssca_tools", root / "rine_plus_ssca_tools", ignore=shutil.ignore_patterns("__pycache__"))
     (root / "notebooks").mkdir()
     shutil.copy(NOTEBOOK, root / "notebooks" / NOTEBOOK.name)
     write_demo_tree(root / "data/demo", {"train": {"nearest": 8, "bilinear": 8}, "val": {"nearest": 4, "bilinear": 4},

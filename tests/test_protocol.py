@@ -21,6 +21,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools import protocols
 from conftest import REPO, run_script, train_tiny_checkpoint
 
 THRESHOLD = 0.5
@@ -233,12 +234,12 @@ def test_rine20_protocol_prints_rines_table(trained, model, tmp_path):
 
 
 def test_shipped_protocols_name_rines_sets_and_folders():
-    rine = rps.read_protocol(RINE20)
+    rine = protocols.read_protocol(RINE20)
     assert [row["name"] for row in rine["rows"]] == RINE_GENERATORS
     for row in rine["rows"][12:]:
         shared = "diffusion_datasets/imagenet" if row["name"].endswith("guided") else "diffusion_datasets/laion"
         assert row["fake"] == row["name"] and row["real"] == shared, row
-    synthbuster = rps.read_protocol(SYNTHBUSTER)
+    synthbuster = protocols.read_protocol(SYNTHBUSTER)
     assert [row["name"] for row in synthbuster["rows"]] == SYNTHBUSTER_GENERATORS
     assert synthbuster["real_dir"] == "../RAISEpng"  # RINE's data/synthbuster next to data/RAISEpng
 
@@ -392,7 +393,7 @@ def test_a_generator_with_both_classes_beside_a_fake_only_one_is_not_merged():
 
 
 def test_genimage_protocol_scores_each_generators_val_split_only(trained, tmp_path):
-    protocol = rps.read_protocol(GENIMAGE)
+    protocol = protocols.read_protocol(GENIMAGE)
     assert [(row["name"], row["folder"]) for row in protocol["rows"]] == [
         (name, f"{folder}/val") for name, folder in GENIMAGE_FOLDERS.items()]
     spec = {f"{GENIMAGE_FOLDERS[name]}/{split}/{label}": (1 + (split == "train"), label == "ai")
@@ -422,8 +423,8 @@ def test_a_row_whose_count_differs_from_the_protocols_gets_one_note(trained, tmp
     notes = [line for line in result.stdout.splitlines() if line.startswith("note: ") and "benchmark has" in line]
     assert notes == ["note: crn has 1 real and 2 fake images where the benchmark has 2 real and 2 fake."]
     protocol["rows"][1]["expected"] = {"real": 1, "fake": 2}
-    assert rps.expected_count_notes(protocol, rps.collect_test_items(tmp_path / "test", protocol=tmp_path / "counted.json")) == []
+    assert protocols.expected_count_notes(protocol, rps.collect_test_items(tmp_path / "test", protocol=tmp_path / "counted.json")) == []
     for bad in ({"real": -1}, {"reals": 2}, {"real": 1.5}, {}, [2, 2]):
         (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"name": "crn", "folder": "crn", "expected": bad}]}))
         with pytest.raises(rps.UserError, match='"expected" is the row'):
-            rps.read_protocol(tmp_path / "bad.json")
+            protocols.read_protocol(tmp_path / "bad.json")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import TINY, nonempty_lines, run_script, write_demo_tree
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools import rine_format
 
 WIDTH, N_BLOCKS = TINY["hidden_size"], TINY["num_hidden_layers"]  # the tiny backbone: width 64, 4 blocks
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -199,7 +200,7 @@ def test_rine_scoring_calls_one_half_real_and_saturates_as_rine_does(tmp_path, t
     state["head.6.weight"].zero_()
     state["head.6.bias"].zero_()  # every logit exactly 0: P(fake) exactly 0.5
     torch.save(state, tmp_path / "rine.pth")
-    rps.atomic_torch_save(rps.rine_checkpoint(tmp_path / "rine.pth", tiny_backbone, "off"), tmp_path / "imported.pth")
+    rps.atomic_torch_save(rine_format.rine_checkpoint(tmp_path / "rine.pth", tiny_backbone, "off"), tmp_path / "imported.pth")
     model = rps.load_detector(tmp_path / "imported.pth", device="cpu")
     rng = np.random.default_rng(0)
     items = []
@@ -263,7 +264,7 @@ def _inconsistent_shapes(path):
 
 def _our_own_checkpoint(path):
     torch.save(random_rine_state(WIDTH, N_BLOCKS, 16, 2), path.with_name("rine.pth"))
-    torch.save(rps.rine_checkpoint(path.with_name("rine.pth"), "backbone", "off"), path)
+    torch.save(rine_format.rine_checkpoint(path.with_name("rine.pth"), "backbone", "off"), path)
 
 
 def _text_file(path):
@@ -285,7 +286,7 @@ def test_import_rine_refuses_a_wrong_file_in_one_line(tmp_path, tiny_backbone, w
 @pytest.mark.parametrize("width, n_blocks", [(WIDTH, N_BLOCKS + 2), (WIDTH + 16, N_BLOCKS)])
 def test_a_backbone_of_another_shape_is_refused_when_loaded(tmp_path, tiny_backbone, width, n_blocks):
     torch.save(random_rine_state(width, n_blocks, 16, 2), tmp_path / "rine.pth")
-    atomic = rps.rine_checkpoint(tmp_path / "rine.pth", tiny_backbone, "off")
+    atomic = rine_format.rine_checkpoint(tmp_path / "rine.pth", tiny_backbone, "off")
     rps.atomic_torch_save(atomic, tmp_path / "imported.pth")
     with pytest.raises(rps.UserError, match=f"width {width} with {n_blocks} blocks, but .* has width 64 with 4 blocks"):
         rps.load_detector(tmp_path / "imported.pth", device="cpu")
@@ -331,10 +332,10 @@ def test_rine_mode_without_tie_is_written_with_alpha_zero_and_predicts_the_same(
     model = rps.RINEPlusSSCA(make_cfg(USE_SPECTRAL=False, USE_TIE=False, PROJ_DIM=16)).eval()
     assert "alpha" not in model.trainable_state_dict()
     rps.atomic_torch_save(rps.make_checkpoint(model, 1, {}, []), tmp_path / "mean.pth")
-    state = rps.rine_weights(rps.read_checkpoint(tmp_path / "mean.pth"), tmp_path / "mean.pth")
+    state = rine_format.rine_weights(rps.read_checkpoint(tmp_path / "mean.pth"), tmp_path / "mean.pth")
     assert torch.equal(state["alpha"], torch.zeros(1, N_BLOCKS, 16))
     torch.save(state, tmp_path / "rine.pth")
-    rps.atomic_torch_save(rps.rine_checkpoint(tmp_path / "rine.pth", model.config["CLIP_MODEL"], "off"),
+    rps.atomic_torch_save(rine_format.rine_checkpoint(tmp_path / "rine.pth", model.config["CLIP_MODEL"], "off"),
                           tmp_path / "imported.pth")
     images = sample_images(seed=2)
     model.config["TEST_CROP"] = "rine"  # the imported detector crops as RINE does; compare on the same crops
@@ -347,4 +348,4 @@ def test_rine_format_refuses_the_full_model_and_a_subset_of_blocks(tmp_path, mak
         model = rps.RINEPlusSSCA(make_cfg(**overrides))
         rps.atomic_torch_save(rps.make_checkpoint(model, 1, {}, []), tmp_path / "model.pth")
         with pytest.raises(rps.UserError, match=message):
-            rps.rine_weights(rps.read_checkpoint(tmp_path / "model.pth"), tmp_path / "model.pth")
+            rine_format.rine_weights(rps.read_checkpoint(tmp_path / "model.pth"), tmp_path / "model.pth")
