@@ -118,3 +118,20 @@ def test_eval_without_the_package_writes_its_tables_and_says_in_one_line_that_th
     assert len(notes) == 1 and notes[0].startswith(pictures), result.stdout[-3000:]
     written = sorted(path.name for path in (tmp_path / "out").iterdir())
     assert written == ["eval_test.csv", "eval_test.md", "tie_block_importance.png"], written  # the script draws TIE's
+
+
+def test_the_project_installs_and_both_import_from_any_folder(tmp_path):
+    # pyproject.toml: a script or notebook outside the project imports the script and its tools once the
+    # project is installed (`pip install -e .`; here a plain install into a folder, offline, to check what
+    # the package holds).
+    target = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--no-index", "--target", str(target), str(REPO)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import rine_plus_ssca, rine_plus_ssca_tools.heatmaps as h; "
+            "print(rine_plus_ssca.__file__); print(h.__file__)")
+    imported = subprocess.run([sys.executable, "-I", "-c", code, str(target)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert all(Path(line).is_relative_to(target) for line in imported.stdout.split()), imported.stdout
