@@ -92,7 +92,8 @@ def constant_like_names(text):
 def test_every_constant_named_exists(document):
     path, text = document
     names = constant_like_names(text)
-    unknown = sorted(names - set(rps.CONFIG_NAMES) - NOT_CONSTANTS)
+    classes = {name for name in names if isinstance(getattr(rps, name, None), type)}  # `SSCA`, the card's module
+    unknown = sorted(names - set(rps.CONFIG_NAMES) - NOT_CONSTANTS - classes)
     assert not unknown, f"{path.name} names constants that rine_plus_ssca.py does not have: {unknown}"
 
 
