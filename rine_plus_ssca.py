@@ -63,7 +63,7 @@ from PIL import Image, ImageFilter
 class Constant(NamedTuple):
     """How one constant below is declared: its default, what it affects, its --help text and its allowed values."""
     default: object
-    affects: tuple  # of ARCHITECTURE, INPUTS, RUN
+    affects: tuple  # of ARCHITECTURE, INPUTS, RUN, SCORING
     help: str
     choices: tuple = None
     at_least: float = None  # allowed values: choices, or at_least/above <= value <= at_most/below
@@ -77,6 +77,7 @@ class Constant(NamedTuple):
 ARCHITECTURE = "architecture"  # the model: stored with a checkpoint, rebuilt from it, fixed when resuming
 INPUTS = "inputs"  # the pixels and tokens the trainable part sees: part of the feature cache's key
 RUN = "run"  # this run only (files, machine, optimisation, selection)
+SCORING = "scoring"  # how a trained detector scores and decides: kept with it, used by load_detector, predict and eval
 _DECLARED = []
 
 
@@ -137,7 +138,7 @@ EPOCHS = declare(1, RUN, "passes over the training set (RINE found 1 best; try 3
 BATCH_SIZE = declare(128, RUN, "images per step (RINE: 128; lower it if you run out of GPU memory)", at_least=1)
 SELECT_METRIC = declare("ap", RUN, 'validation metric that picks the best epoch: "acc", "ap", "auc" or "loss"',
                         choices=("acc", "ap", "auc", "loss"))
-THRESHOLD = declare(0.5, RUN, "P(fake) at or above which an image is called fake", at_least=0, at_most=1)
+THRESHOLD = declare(0.5, (RUN, SCORING), "P(fake) at or above which an image is called fake", at_least=0, at_most=1)
 TARGET_FPR = declare(0.0, RUN, "false-positive rate on validation reals for the stored threshold predict uses; 0 = off "
                      "(0.01-0.1)", at_least=0, below=1)
 
@@ -147,7 +148,8 @@ CROP_SIZE = declare(224, (ARCHITECTURE, INPUTS), "crop side in pixels; images ar
 TRAIN_RECIPE = declare("grid", INPUTS, '"grid": crops on the 8-pixel grid, JPEG quality ~ U{JPEG_QUALITY_MIN..100} '
                        '(the spectral branch\'s DCT needs the grid); "rine": RINE\'s data_augment, crops anywhere, JPEG '
                        'quality JPEG_QUALITY_MIN or 100', choices=("grid", "rine"))
-TEST_CROP = declare("grid", INPUTS, '"grid": test crops on the 8-pixel grid with mirror padding, as in training; "rine": '
+TEST_CROP = declare("grid", (INPUTS, SCORING), '"grid": test crops on the 8-pixel grid with mirror padding, as in '
+                    'training; "rine": '
                     "RINE's own scoring (import-rine sets it): torchvision's CenterCrop/TenCrop with zero padding, "
                     "float32 sigmoid, fake when P(fake) > threshold, fp16 backbone on GPUs", choices=("grid", "rine"))
 BLUR_PROB = declare(0.5, INPUTS, "probability of Gaussian blur", at_least=0, at_most=1)
@@ -158,8 +160,8 @@ JPEG_QUALITY_MIN = declare(30, INPUTS, 'lowest JPEG quality: any of JPEG_QUALITY
 
 # --- machine ---
 DEVICE = declare("auto", RUN, '"auto" (cuda if available), "cuda", "cuda:1" or "cpu"')
-AMP = declare("auto", RUN, 'mixed precision: "auto" (GPU: bf16 if native, Ampere+, else fp16; CPU: bf16 backbone where '
-              'the CPU has bf16 instructions), "bf16", "fp16", "off"', choices=("auto", "bf16", "fp16", "off"))
+AMP = declare("auto", (RUN, SCORING), 'mixed precision: "auto" (GPU: bf16 if native, Ampere+, else fp16; CPU: bf16 '
+              'backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"', choices=("auto", "bf16", "fp16", "off"))
 NUM_WORKERS = declare(8, RUN, "data-loading processes (capped at the number of CPU cores)", at_least=0)
 SEED = declare(0, (RUN, INPUTS), "seeds Python, NumPy and torch (and the hold-out split, and every augmented view)")
 LOG_EVERY = declare(20, RUN, "steps between progress-bar loss updates (each update syncs with the GPU)", at_least=1)
@@ -176,8 +178,8 @@ RESUME = declare(False, RUN, "continue from CHECKPOINT_DIR/last_rine_plus_ssca.p
                  "the epoch)")
 SAVE_EVERY_STEPS = declare(500, RUN, "also write the last checkpoint every N steps inside an epoch; 0 = only at epoch "
                            "ends", at_least=0)
-MAX_BAD_FRACTION = declare(0.05, RUN, "stop when more than this share of a split cannot be read (run check-data to list "
-                           "them)", at_least=0, at_most=1)
+MAX_BAD_FRACTION = declare(0.05, (RUN, SCORING), "stop when more than this share of a split cannot be read (run "
+                           "check-data to list them)", at_least=0, at_most=1)
 DETERMINISTIC = declare(False, RUN, "deterministic kernels: two CPU runs give bit-identical checkpoints (slower on GPU)")
 
 
@@ -197,6 +199,7 @@ CONFIG_NAMES = list(CONSTANTS)
 CHOICES = {name: c.choices for name, c in CONSTANTS.items() if c.choices}
 ARCHITECTURE_CONSTANTS = [name for name, c in CONSTANTS.items() if ARCHITECTURE in c.affects]
 INPUT_CONSTANTS = [name for name, c in CONSTANTS.items() if INPUTS in c.affects]
+SCORING_CONSTANTS = [name for name, c in CONSTANTS.items() if SCORING in c.affects]
 
 # The demo changes these (options given on the command line still win).
 DEMO_OVERRIDES = dict(
@@ -205,7 +208,9 @@ DEMO_OVERRIDES = dict(
     NUM_WORKERS=2, LOG_EVERY=5, PATCH_BLOCK=2,
 )
 
-CHECKPOINT_FORMAT = 3  # bumped when the checkpoint layout or the model's function changes (3: RINE's names and head without the spectral branch; BlockDCT on 0-255 pixels; backbone_folder)
+CHECKPOINT_FORMAT = 4  # bumped when the checkpoint layout or the model's function changes (3: RINE's names and head without the spectral branch; BlockDCT on 0-255 pixels; backbone_folder)
+# 4: the architecture apart from the run settings; provenance from the model's code, not the file's bytes
+READABLE_FORMATS = (3, 4)  # format 3 held every constant in one "config"; read_checkpoint splits it as format 4 does
 BEST_NAME = "best_rine_plus_ssca.pth"
 LAST_NAME = "last_rine_plus_ssca.pth"
 
@@ -738,7 +743,9 @@ class RINEPlusSSCA(nn.Module):
 
     def __init__(self, cfg, backbone_dtype=None, **backbone_options):
         super().__init__()
-        self.config = {name: getattr(cfg, name) for name in CONFIG_NAMES}
+        # What the model is and how it scores (not the run's files, machine or optimisation): what load_detector
+        # rebuilds it from. Dropout is a training setting: in eval mode the model's output does not depend on it.
+        self.config = {name: getattr(cfg, name) for name in ARCHITECTURE_CONSTANTS + SCORING_CONSTANTS}
         # P(fake) = sigmoid(logit / temperature). Plain attributes, not parameters or buffers (the state dict
         # keeps RINE's keys): load_detector sets both from the checkpoint's calibration_record.
         self.temperature, self.calibration = 1.0, None
@@ -1324,15 +1331,23 @@ def build_transform(cfg, train, jpeg_quality=None, blur_sigma=None, tencrop=Fals
     return transforms.Compose(steps)
 
 
+class Sample(NamedTuple):
+    """One image as ImageDataset gives it to collate_skipping_bad."""
+    pixels: torch.Tensor  # uint8 [3,S,S] ([10,3,S,S] with ten crops); None when the file can't be read
+    label: int  # 0 real, 1 fake
+    index: int  # in the dataset's list of items
+    view: int  # which augmented view (the feature cache keeps several per image)
+    tokens: torch.Tensor = None  # the backbone's CLS tokens [n,width] when the feature cache held them
+    error: str = None  # why the file can't be read
+    damaged: bool = False  # a cached entry failed its CRC check (counted in the main process: workers can't report it)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """(path, label, group) items -> samples for collate_skipping_bad.
 
     dataset[i] applies the test transform; dataset[(i, seed, view)] the training one seeded
     with `seed` (seed None: the test transform). With a FeatureCache, a valid cached entry of
-    (i, view) is returned instead of decoding the file, tokens included.
-    A sample is (uint8 pixels, label, index, cached tokens or None, view, damaged), or
-    (None, error text, index, None, view, damaged) when the file can't be read; damaged says a
-    cached entry failed its CRC check (counted in the main process, workers can't report it).
+    (i, view) is returned instead of decoding the file, tokens included. Each item is a Sample.
     """
 
     def __init__(self, items, transform, cache=None):
@@ -1352,7 +1367,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.cache is not None:
             cached = self.cache.get(index, view)
             if cached is not None:
-                return cached[0], label, index, cached[1], view, False
+                return Sample(cached[0], label, index, view, tokens=cached[1])
             damaged = self.cache.state(index, view) == FILLED  # filled, yet it failed its CRC check
         path = str(self.paths[index])
         try:
@@ -1362,46 +1377,40 @@ class ImageDataset(torch.utils.data.Dataset):
             else:
                 pixels = torch.from_numpy(self.transform(image, torch.Generator().manual_seed(seed)))
         except Exception as error:  # truncated, empty, not an image, decompression bomb...
-            return None, f"{type(error).__name__}: {error}", index, None, view, damaged
-        return pixels, label, index, None, view, damaged
+            return Sample(None, label, index, view, error=f"{type(error).__name__}: {error}", damaged=damaged)
+        return Sample(pixels, label, index, view, damaged=damaged)
 
 
-class Batch:
-    """A collated batch: uint8 pixels [B,3,S,S] (or [B,10,3,S,S]), labels [B], indices [B], views [B],
-    tokens [B,n,width] where cached (zeros elsewhere), cached [B] bool, bad [(index, error text)],
-    n_damaged: cache entries that failed their check and were recomputed."""
-
-    def __init__(self, pixels, labels, indices, views, tokens, cached, bad, n_damaged=0):
-        self.pixels, self.labels, self.indices, self.views = pixels, labels, indices, views
-        self.tokens, self.cached, self.bad, self.n_damaged = tokens, cached, bad, n_damaged
-
-    def pin_memory(self):
-        """Every tensor in page-locked memory, so its copy to the GPU can overlap compute.
-        DataLoader(pin_memory=True) calls this on a custom batch type; without it nothing is pinned."""
-        for name in ("pixels", "labels", "indices", "views", "tokens", "cached"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, tensor.pin_memory())
-        return self
+class Batch(NamedTuple):
+    """A collated batch of the readable samples. DataLoader(pin_memory=True) pins each of its tensors in
+    page-locked memory (it does so for every field of a NamedTuple), so their copy to the GPU overlaps compute."""
+    pixels: torch.Tensor  # uint8 [B,3,S,S] (or [B,10,3,S,S]); None when no sample was readable
+    labels: torch.Tensor  # float32 [B], 1 = fake
+    indices: torch.Tensor  # [B], in the dataset's list of items
+    views: torch.Tensor  # [B]
+    tokens: torch.Tensor = None  # cached CLS tokens [B,n,width] (zeros where not cached); None when none was cached
+    cached: torch.Tensor = None  # bool [B]: which rows of tokens came from the cache
+    bad: list = ()  # [(index, error text)] of the unreadable samples
+    n_damaged: int = 0  # cache entries that failed their check and are recomputed
 
 
 def collate_skipping_bad(samples):
     """Stack the readable samples; unreadable ones go to batch.bad. batch.pixels is None when none were readable."""
-    good = [sample for sample in samples if sample[0] is not None]
-    bad = [(sample[2], sample[1]) for sample in samples if sample[0] is None]
-    n_damaged = sum(sample[5] for sample in samples)
+    good = [sample for sample in samples if sample.pixels is not None]
+    bad = [(sample.index, sample.error) for sample in samples if sample.pixels is None]
+    n_damaged = sum(sample.damaged for sample in samples)
     if not good:
-        return Batch(None, None, None, None, None, None, bad, n_damaged)
-    cached = torch.tensor([sample[3] is not None for sample in good])
+        return Batch(None, None, None, None, bad=bad, n_damaged=n_damaged)
+    cached = torch.tensor([sample.tokens is not None for sample in good])
     tokens = None
     if cached.any():
-        shape = next(sample[3] for sample in good if sample[3] is not None).shape
-        tokens = torch.stack([sample[3] if sample[3] is not None else torch.zeros(shape) for sample in good])
+        shape = next(sample.tokens for sample in good if sample.tokens is not None).shape
+        tokens = torch.stack([sample.tokens if sample.tokens is not None else torch.zeros(shape) for sample in good])
     return Batch(
-        pixels=torch.stack([sample[0] for sample in good]),
-        labels=torch.tensor([sample[1] for sample in good], dtype=torch.float32),
-        indices=torch.tensor([sample[2] for sample in good]),
-        views=torch.tensor([sample[4] for sample in good]),
+        pixels=torch.stack([sample.pixels for sample in good]),
+        labels=torch.tensor([sample.label for sample in good], dtype=torch.float32),
+        indices=torch.tensor([sample.index for sample in good]),
+        views=torch.tensor([sample.view for sample in good]),
         tokens=tokens, cached=cached, bad=bad, n_damaged=n_damaged)
 
 
@@ -2412,35 +2421,100 @@ def plot_block_importance(model, path):
 # Checkpoints: small, plain, loadable with weights_only=True
 # =====================================================================================
 
-def make_checkpoint(model, epoch, metrics, history, calibration=None):
-    """Config, trainable weights, metrics, versions and (best checkpoints) the calibration_record:
-    tensors and plain Python values only."""
-    return checkpoint_record(model.config, model.backbone.backbone_config, model.trainable_state_dict(),
+def make_checkpoint(model, epoch, metrics, history, calibration=None, config=None):
+    """The model's architecture and trainable weights, the run's settings (`config`, a namespace of every
+    constant: the training run's; by default the model's own settings), metrics, versions and (best
+    checkpoints) the calibration_record: tensors and plain Python values only."""
+    config = model.config if config is None else {name: getattr(config, name) for name in CONFIG_NAMES}
+    return checkpoint_record(config, model.backbone.backbone_config, model.trainable_state_dict(),
                              epoch, metrics, history, calibration)
 
 
 def checkpoint_record(config, backbone_config, state, epoch, metrics, history, calibration=None):
-    """The checkpoint dict, from a model's parts (training) or from imported weights (import-rine).
-    Without a calibration (last and imported checkpoints) there is no "calibration" entry."""
+    """The checkpoint dict, from a model's parts (training) or from imported weights (import-rine); `config`
+    is a dict of the constants. Without a calibration (last and imported checkpoints) there is no
+    "calibration" entry."""
     import transformers
     import torchvision
 
     return {
         "format": CHECKPOINT_FORMAT,
-        "config": plain_values(config),
+        # What load_detector builds the model from, apart from how it was trained (whose SCORING constants
+        # say how it scores).
+        "architecture": plain_values({name: config[name] for name in ARCHITECTURE_CONSTANTS}),
+        "run_config": plain_values({name: config[name] for name in config if name not in ARCHITECTURE_CONSTANTS}),
         "backbone_config": plain_values(backbone_config),
         "model": state,
-        # config holds CLIP_MODEL as given (often relative to the training run's folder); this absolute path
-        # lets a notebook in any other folder find the same backbone folder.
+        # The architecture holds CLIP_MODEL as given (often relative to the training run's folder); this absolute
+        # path lets a notebook in any other folder find the same backbone folder.
         "backbone_folder": backbone_folder_of(config["CLIP_MODEL"]),
         "epoch": epoch,
         "metrics": plain_values(metrics),
         "history": plain_values(history),
         "versions": plain_values({"torch": torch.__version__, "torchvision": torchvision.__version__,
                                   "transformers": transformers.__version__}),
-        "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        **provenance(),
         **({"calibration": plain_values(calibration)} if calibration is not None else {}),
     }
+
+
+def checkpoint_config(checkpoint):
+    """Every constant a checkpoint records (as read_checkpoint returns it): architecture and run settings in one dict."""
+    return {**checkpoint["run_config"], **checkpoint["architecture"]}
+
+
+def model_settings(checkpoint):
+    """What load_detector builds a model from: the checkpoint's architecture and SCORING constants. A constant
+    the checkpoint predates has its default (how the script behaved before the constant existed)."""
+    stored = checkpoint_config(checkpoint)
+    return {name: stored.get(name, CONSTANTS[name].default) for name in ARCHITECTURE_CONSTANTS + SCORING_CONSTANTS}
+
+
+# The code that decides a detector's scores: the modules, the model, the test crops and the sigmoid.
+# A checkpoint records a hash of its source, so an edited message or option leaves it unchanged.
+MODEL_CODE = ("FrozenCLIPBlocks", "projection_mlp", "importance_weighted_sum", "rine_head", "dct_matrix", "BlockDCT",
+              "DCTConvBlock", "SSCA", "OneQueryAttention", "CrossAttentionCombination",
+              "GatedMLP", "RINEPlusSSCA", "build_transform", "CentreCrop", "TenCrops", "ZeroPadToAtLeast",
+              "StackCrops", "PadToAtLeast", "to_uint8_tensor", "normalise_uint8", "load_rgb", "model_logits",
+              "probabilities_from_logits", "called_fake")
+
+
+def provenance():
+    """What made the weights: {"model_code_sha256": ..., "git_commit": ...} (each worked out once per process)."""
+    return {"model_code_sha256": model_code_sha256(), "git_commit": git_commit()}
+
+
+@functools.lru_cache(maxsize=None)
+def model_code_sha256():
+    """SHA-256 of the source of MODEL_CODE's definitions, in its order; None when the file can't be read."""
+    import ast
+
+    try:
+        source = Path(__file__).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    lines = source.splitlines(keepends=True)
+    spans = {node.name: "".join(lines[node.lineno - 1:node.end_lineno]) for node in ast.parse(source).body
+             if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+    return hashlib.sha256("".join(spans[name] for name in MODEL_CODE).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit():
+    """The commit of the git checkout this script sits in, with "+changes" when the script differs from it;
+    None outside a checkout or without git."""
+    import subprocess
+
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        changed = subprocess.run(["git", "status", "--porcelain", "--", Path(__file__).name], cwd=folder,
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return None
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
 def backbone_folder_of(clip_model):
@@ -2489,11 +2563,15 @@ def read_checkpoint(path):
         checkpoint = read_exported(path)
     else:
         checkpoint = read_torch_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise UserError(f"{path} is not a rine_plus_ssca checkpoint (no 'model'/'config' entries).")
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} has checkpoint format {checkpoint.get('format')!r}; this script reads format "
-                        f"{CHECKPOINT_FORMAT}. Use the script version that wrote it.")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or not {"architecture", "config"} & checkpoint.keys():
+        raise UserError(f"{path} is not a rine_plus_ssca checkpoint (no 'model'/'architecture' entries).")
+    if checkpoint.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{path} has checkpoint format {checkpoint.get('format')!r}; this script reads formats "
+                        f"{', '.join(map(str, READABLE_FORMATS))}. Use the script version that wrote it.")
+    if "config" in checkpoint:  # format 3, or an exported file: every constant in one dict
+        config = checkpoint.pop("config")
+        checkpoint["architecture"] = {name: value for name, value in config.items() if name in ARCHITECTURE_CONSTANTS}
+        checkpoint["run_config"] = {name: value for name, value in config.items() if name not in ARCHITECTURE_CONSTANTS}
     return checkpoint
 
 
@@ -2558,8 +2636,7 @@ def load_detector(path, clip_model=None, device=None, calibrated=True):
     calibrated P(fake), or 1 (the raw P(fake), sigmoid(logit)) with calibrated=False or without one.
     """
     checkpoint = read_checkpoint(path)
-    cfg = default_config()
-    cfg.__dict__.update({k: v for k, v in checkpoint["config"].items() if k in CONFIG_NAMES})
+    cfg = SimpleNamespace(**model_settings(checkpoint), DROPOUT=DROPOUT)  # eval mode: the dropout rate plays no part
     cfg.CLIP_MODEL = clip_model or resolve_backbone_location(cfg.CLIP_MODEL, path, checkpoint.get("backbone_folder"))
     device = resolve_device(device or "auto")
     model = build_model(cfg, device)
@@ -2775,13 +2852,15 @@ def configure_determinism(deterministic):
         torch.backends.cudnn.allow_tf32 = True
 
 
-def save_last(path, model, optimizer, scaler, epoch, step, history, best_metrics, sums, best_calibration=None):
-    """The last checkpoint: the model plus everything needed to resume after `step` of `epoch`."""
-    checkpoint = make_checkpoint(model, epoch, history[-1] if history else {}, history)
+def save_last(path, learner, progress, config):
+    """The last checkpoint: the model (with the run's `config`) plus everything needed to resume at `progress`."""
+    history = progress.history
+    checkpoint = make_checkpoint(learner.model, progress.epoch, history[-1] if history else {}, history, config=config)
     checkpoint["resume"] = {
-        "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "best_metrics": plain_values(best_metrics), "best_calibration": plain_values(best_calibration),
-        "epoch_sums": sums.detach().cpu(),
+        "epoch": progress.epoch, "step": progress.step, "optimizer": learner.optimizer.state_dict(),
+        "scaler": learner.scaler.state_dict(), "best_metrics": plain_values(progress.best_metrics),
+        "best_calibration": plain_values(progress.best_calibration),
+        "epoch_sums": progress.sums.detach().cpu(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -2796,7 +2875,7 @@ def restore_last(path, cfg, model, optimizer, scaler):
     checkpoint = read_checkpoint(path)
     if "resume" not in checkpoint:
         raise UserError(f"{path} holds no training state to resume from; start without --resume.")
-    changed = [name for name in ARCHITECTURE_CONSTANTS if checkpoint["config"].get(name) != getattr(cfg, name)]
+    changed = [name for name in ARCHITECTURE_CONSTANTS if checkpoint["architecture"].get(name) != getattr(cfg, name)]
     if changed:
         raise UserError(f"Can't resume: {', '.join(changed)} differ from the run in {path}. Use the same values, "
                         "or a new CHECKPOINT_DIR for a new run.")
@@ -2818,8 +2897,16 @@ def nonfinite_error(epoch, step, cfg, last_path):
                      f"or try --amp off; {kept}.")
 
 
+class Processes(NamedTuple):
+    """This process's place in the run: rank 0 of 1 without torchrun."""
+    rank: int
+    world_size: int
+    device: torch.device
+    control_group: object  # carries the processes' joint decisions; None in one process
+
+
 def setup_distributed(cfg):
-    """(rank, world_size, device, control_group). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    """Processes(rank, world_size, device, control_group). Under torchrun (WORLD_SIZE > 1) joins the process group:
     NCCL with one GPU per process, gloo on the CPU. Other ranks print nothing.
 
     control_group (None in one process) carries the processes' joint decisions (stop now, the file
@@ -2827,7 +2914,7 @@ def setup_distributed(cfg):
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return 0, 1, resolve_device(cfg.DEVICE), None
+        return Processes(0, 1, resolve_device(cfg.DEVICE), None)
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -2841,7 +2928,8 @@ def setup_distributed(cfg):
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints and saves
     if cfg.BATCH_SIZE % world_size:
         raise UserError(f"BATCH_SIZE={cfg.BATCH_SIZE} must be divisible by the {world_size} processes (it is the global batch).")
-    return rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), control_group
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Processes(rank, world_size, device, control_group)
 
 
 def on_rank_zero(compute, rank, control_group):
@@ -2982,31 +3070,48 @@ def wrap_for_training(model, cfg, device, world_size):
     return step_model
 
 
-def training_step(model, step_model, batch, optimizer, scaler, cfg, device, amp_dtype, cache=None, world_size=1):
-    """Forward and backward on a collated batch (update_weights then takes the step); returns detached
-    (BCE sum, SupCon, loss) on the device, no sync.
+class Learner(NamedTuple):
+    """The model and what updates it. `step_model` is the model as a training step calls it: under DDP with
+    torchrun, compiled with COMPILE, else the model itself; `model` is the plain one, whose weights checkpoints hold."""
+    model: nn.Module
+    step_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling, on with fp16 only
+    device: torch.device
+    amp_dtype: torch.dtype  # the backbone's and (on GPUs) the head's mixed precision; None = float32
+    world_size: int = 1
 
-    step_model is the model as trained (wrapped by DDP or torch.compile, or the model itself).
-    """
+
+def make_learner(model, cfg, device, world_size=1):
+    """The Learner of a model built by build_model: its optimizer, scaler and step_model."""
+    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
+    return Learner(model, wrap_for_training(model, cfg, device, world_size), make_optimizer(model, cfg),
+                   torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype, world_size)
+
+
+def training_step(learner, batch, cfg, cache=None):
+    """Forward and backward on a collated batch (update_weights then takes the step); returns detached
+    (BCE sum, SupCon, loss) on the device, no sync."""
+    device = learner.device
     pixels = normalise_uint8(batch.pixels.to(device, non_blocking=True))
     labels = batch.labels.to(device, non_blocking=True)
-    with head_autocast(device, amp_dtype):
-        tokens = tokens_from_cache_or_backbone(model, batch, pixels, cache)
-        logits, features = step_model(pixels, tokens)
+    with head_autocast(device, learner.amp_dtype):
+        tokens = tokens_from_cache_or_backbone(learner.model, batch, pixels, cache)
+        logits, features = learner.step_model(pixels, tokens)
     bce = bce_loss_sum(logits, labels)
     supcon = supervised_contrastive_loss(features, labels, cfg.SUPCON_TEMPERATURE) if cfg.XI > 0 else bce * 0
     # DDP averages gradients over processes; scaling the per-process BCE sum by their number
     # makes it the gradient of the global batch's BCE sum, as in one process.
-    loss = bce * world_size + cfg.XI * supcon
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    loss = bce * learner.world_size + cfg.XI * supcon
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.scaler.scale(loss).backward()
     return bce.detach(), supcon.detach(), loss.detach()
 
 
-def update_weights(optimizer, scaler):
+def update_weights(learner):
     """The optimizer step for the gradients training_step left (skipped by the scaler on inf/NaN fp16 gradients)."""
-    scaler.step(optimizer)
-    scaler.update()
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
 
 
 def every_process_has_images(has_images, control_group):
@@ -3028,206 +3133,204 @@ def seed_dropout_per_process(seed, rank, world_size, epoch, step):
         torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_033 + epoch) * 1_000_037 + step)
 
 
-class TrainingRun:
-    """One training run, set up: what its epochs use and the progress an interruption saves.
+class Progress:
+    """Where training stands: what the last checkpoint saves and --resume restores. The steps move it on
+    (train_epoch), and so does the end of each epoch (finish_epoch); nothing else changes it."""
 
-    Set up once: the processes (rank, world_size, device, control_group), the model (and step_model,
-    the model as stepped: under DDP or torch.compile), optimizer, scaler, the feature caches, the
-    loaders with their logs of unreadable images, and where training starts (start_epoch, start_step).
-    Progress: history, best_metrics and best_calibration (per validated epoch), sums (the epoch's summed
-    BCE, SupCon and image count) and resume_at, the (epoch, step) a resumed run would continue from.
+    def __init__(self, epoch, step, sums, history=(), best_metrics=None, best_calibration=None):
+        self.epoch, self.step = epoch, step  # the epoch under way (1-based) and its steps done
+        self.sums = sums  # the epoch's summed BCE, SupCon x images and images, on the device: read at log steps
+        self.history = list(history)  # the metrics of every validated epoch
+        self.best_metrics, self.best_calibration = best_metrics, best_calibration  # of the best epoch so far
+
+    def add_losses(self, bce, supcon, n_images):
+        n_images = torch.full((), float(n_images), device=self.sums.device)  # a fill, not a host-to-device copy
+        self.sums += torch.stack([bce, supcon * n_images, n_images])
+
+    def mean_losses(self):
+        """(BCE, SupCon) per image of the epoch so far (waits for the GPU)."""
+        return (self.sums[:2] / self.sums[2].clamp(min=1)).tolist()
+
+    def finish_epoch(self, metrics, best, calibration):
+        """The epoch counts as done: its metrics in the history (the best's with its calibration), and the
+        position at the start of the next one."""
+        self.history = self.history + [metrics]
+        if best:
+            self.best_metrics, self.best_calibration = metrics, calibration
+        self.epoch, self.step, self.sums = self.epoch + 1, 0, torch.zeros_like(self.sums)
+
+
+def start_or_resume(cfg, learner):
+    """Epoch 1, step 0; or (--resume) where the last checkpoint stopped, with its weights, optimizer and RNG."""
+    if not cfg.RESUME:
+        return Progress(1, 0, torch.zeros(3, device=learner.device))
+    path = Path(cfg.CHECKPOINT_DIR) / LAST_NAME
+    state = restore_last(path, cfg, learner.model, learner.optimizer, learner.scaler)
+    print(f"resuming from {path}: epoch {state['epoch']}, after step {state['step']}\n")
+    return Progress(state["epoch"], state["step"], state["epoch_sums"].to(learner.device), state["history"],
+                    state["best_metrics"], state.get("best_calibration"))
+
+
+def print_set_up(learner, cfg):
+    counts = trainable_parameter_counts(learner.model)
+    print(f"\nmodel: {sum(counts.values()):,} trainable parameters ("
+          + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + "); backbone frozen")
+    processes = f" x {learner.world_size} processes" if learner.world_size > 1 else ""
+    print(f"device: {learner.device}{processes}, mixed precision: {learner.amp_dtype or 'off'}, "
+          f"batch size {cfg.BATCH_SIZE}, {cfg.EPOCHS} epoch(s)\n")
+
+
+class TrainingData(NamedTuple):
+    """What the epochs read: the sampler that orders each epoch, this process's loaders, each split's log of
+    unreadable images, and the feature caches (None without CACHE_FEATURES)."""
+    sampler: SeededEpochSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    train_bad: BadImageLog
+    val_bad: BadImageLog
+    train_cache: FeatureCache = None
+    val_cache: FeatureCache = None
+
+
+def open_training_data(cfg, train_items, val_items, backbone, procs):
+    """The caches (with --cache-features; process 0 makes their files), sampler, loaders and logs of a run."""
+    rank, world_size = procs.rank, procs.world_size
+    train_cache, val_cache = open_caches(cfg, train_items, val_items, backbone, procs)
+    # A last tiny batch would give SupCon few pairs and BatchNorm noisy statistics.
+    sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE,
+                                 drop_last=len(train_items) > cfg.BATCH_SIZE,
+                                 n_views=cfg.CACHE_VIEWS if cfg.CACHE_FEATURES else None, rank=rank,
+                                 world_size=world_size)
+    train_loader = make_loader(train_items, cfg, train=True, device=procs.device, sampler=sampler, cache=train_cache,
+                               batch_size=cfg.BATCH_SIZE // world_size)
+    val_loader = make_loader(val_items[rank::world_size], cfg, train=False, device=procs.device, cache=val_cache)
+    return TrainingData(sampler, train_loader, val_loader,
+                        BadImageLog("training", train_loader.dataset.paths, cfg.MAX_BAD_FRACTION),
+                        BadImageLog("validation", val_loader.dataset.paths, cfg.MAX_BAD_FRACTION,
+                                    n_images=len(val_items)),
+                        train_cache, val_cache)
+
+
+def open_caches(cfg, train_items, val_items, backbone, procs):
+    """(train cache, validation cache) with --cache-features, else (None, None). Process 0 makes the files."""
+    if not cfg.CACHE_FEATURES:
+        return None, None
+    if cfg.EPOCHS > cfg.CACHE_VIEWS:
+        print(f"note: feature cache: {cfg.EPOCHS} epochs over {cfg.CACHE_VIEWS} cached views per image, so epochs "
+              f"{cfg.CACHE_VIEWS + 1}.. see the views of epochs 1.. again, where a run without the cache draws new "
+              f"ones; --cache-views {cfg.EPOCHS} trains what it trains.")
+    train_folder, val_folder = on_rank_zero(lambda: (
+        feature_cache_folder("train", train_items, cfg, backbone, cfg.CACHE_VIEWS),
+        feature_cache_folder("val", val_items, cfg, backbone, 1)), procs.rank, procs.control_group)
+    train_cache = open_feature_cache("train", train_items, cfg, backbone, cfg.CACHE_VIEWS, procs.rank, train_folder)
+    val_cache = open_feature_cache("val", val_items, cfg, backbone, 1, procs.rank, val_folder)
+    if procs.world_size > 1:
+        torch.distributed.barrier()  # rank 0 has made the files
+    return train_cache, val_cache
+
+
+def flush_caches(data):
+    for cache in (data.train_cache, data.val_cache):
+        if cache is not None:
+            cache.flush()
+
+
+def close_training_data(data):
+    """However training ends: the caches written out, the loaders' worker processes ended."""
+    flush_caches(data)
+    shut_down_workers(data.train_loader, data.val_loader)
+
+
+def set_learning_rate(optimizer, cfg, epoch):
+    """The LR of `epoch`, set from the epoch at every start, so a resumed run has an uninterrupted one's."""
+    lr = learning_rate(cfg, epoch)
+    if lr != optimizer.param_groups[0]["lr"]:
+        print(f"epoch {epoch}: learning rate {lr:g}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class NonfiniteWatch:
+    """The first step of an epoch whose loss was NaN/inf. Noted on the device, so that a step never waits
+    for the GPU; check() reads it (a sync) at log steps and at the epoch's end, the same in every process."""
+
+    def __init__(self, device):
+        self.first_step = torch.full((), -1, device=device)
+
+    def note(self, loss, step):
+        is_first = (self.first_step < 0) & ~torch.isfinite(loss)
+        self.first_step = torch.where(is_first, step, self.first_step)
+
+    def check(self, epoch, cfg, world_size):
+        """Stop with a UserError naming the step when a loss was NaN/inf."""
+        if world_size > 1:
+            torch.distributed.all_reduce(self.first_step, torch.distributed.ReduceOp.MAX)
+        if self.first_step.item() >= 0:
+            raise nonfinite_error(epoch, int(self.first_step.item()), cfg, Path(cfg.CHECKPOINT_DIR) / LAST_NAME)
+
+
+def train_epoch(progress, learner, data, cfg, procs, stop):
+    """The training steps of the epoch under way, from progress.step on (0, or where a resumed run stopped).
+
+    Between steps: the last checkpoint every SAVE_EVERY_STEPS steps, and the end of the run when a stop
+    was asked for or too many images were unreadable (end_run_if_asked). Under torchrun a step is taken
+    by every process or by none (every_process_has_images).
     """
-
-    def __init__(self, cfg):
-        validate_config(cfg)
-        self.cfg = cfg
-        self.rank, self.world_size, self.device, self.control_group = setup_distributed(cfg)
-        seed_everything(cfg.SEED)
-        configure_determinism(cfg.DETERMINISTIC)
-        self.amp_dtype = resolve_amp_dtype(cfg.AMP, self.device)
-
-        train_items, val_items = on_rank_zero(lambda: prepare_splits(cfg), self.rank, self.control_group)
-        if self.world_size > 1 and len(train_items) < cfg.BATCH_SIZE:
-            raise UserError(f"{len(train_items)} training images are fewer than one batch of {cfg.BATCH_SIZE}; lower --batch-size.")
-        self.model = build_model(cfg, self.device)
-        self.print_set_up()
-        self.optimizer = make_optimizer(self.model, cfg)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
-        self.last_path, self.best_path = self.checkpoint_dir / LAST_NAME, self.checkpoint_dir / BEST_NAME
-        self.resume_if_asked()
-        seed_dropout_per_process(cfg.SEED, self.rank, self.world_size, self.start_epoch, self.start_step)
-        self.train_cache, self.val_cache = self.open_caches(train_items, val_items)
-        self.open_loaders(train_items, val_items)
-        self.step_model = wrap_for_training(self.model, cfg, self.device, self.world_size)
-        self.resume_at = (self.start_epoch, self.start_step)
-        self.sums = self.resumed_sums if self.resumed_sums is not None else torch.zeros(3, device=self.device)
-
-    def print_set_up(self):
-        counts = trainable_parameter_counts(self.model)
-        print(f"\nmodel: {sum(counts.values()):,} trainable parameters ("
-              + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + "); backbone frozen")
-        processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
-        print(f"device: {self.device}{processes}, mixed precision: {self.amp_dtype or 'off'}, "
-              f"batch size {self.cfg.BATCH_SIZE}, {self.cfg.EPOCHS} epoch(s)\n")
-
-    def resume_if_asked(self):
-        """Start at epoch 1, step 0, or (--resume) where the last checkpoint says, with its state."""
-        self.start_epoch, self.start_step, self.history, self.best_metrics, self.resumed_sums = 1, 0, [], None, None
-        self.best_calibration = None
-        if self.cfg.RESUME:
-            state = restore_last(self.last_path, self.cfg, self.model, self.optimizer, self.scaler)
-            self.start_epoch, self.start_step, self.history = state["epoch"], state["step"], state["history"]
-            self.best_metrics, self.resumed_sums = state["best_metrics"], state["epoch_sums"].to(self.device)
-            self.best_calibration = state.get("best_calibration")
-            print(f"resuming from {self.last_path}: epoch {self.start_epoch}, after step {self.start_step}\n")
-
-    def open_caches(self, train_items, val_items):
-        """(train cache, validation cache) with --cache-features, else (None, None). Process 0 makes the files."""
-        cfg, backbone = self.cfg, self.model.backbone
-        if not cfg.CACHE_FEATURES:
-            return None, None
-        if cfg.EPOCHS > cfg.CACHE_VIEWS:
-            print(f"note: feature cache: {cfg.EPOCHS} epochs over {cfg.CACHE_VIEWS} cached views per image, so epochs "
-                  f"{cfg.CACHE_VIEWS + 1}.. see the views of epochs 1.. again, where a run without the cache draws new "
-                  f"ones; --cache-views {cfg.EPOCHS} trains what it trains.")
-        train_folder, val_folder = on_rank_zero(lambda: (
-            feature_cache_folder("train", train_items, cfg, backbone, cfg.CACHE_VIEWS),
-            feature_cache_folder("val", val_items, cfg, backbone, 1)), self.rank, self.control_group)
-        train_cache = open_feature_cache("train", train_items, cfg, backbone, cfg.CACHE_VIEWS, self.rank, train_folder)
-        val_cache = open_feature_cache("val", val_items, cfg, backbone, 1, self.rank, val_folder)
-        if self.world_size > 1:
-            torch.distributed.barrier()  # rank 0 has made the files
-        return train_cache, val_cache
-
-    def open_loaders(self, train_items, val_items):
-        """The epoch sampler, this process's training and validation loaders, and their unreadable-image logs."""
-        cfg, rank, world_size = self.cfg, self.rank, self.world_size
-        # A last tiny batch would give SupCon few pairs and BatchNorm noisy statistics.
-        self.sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE, drop_last=len(train_items) > cfg.BATCH_SIZE,
-                                          n_views=cfg.CACHE_VIEWS if cfg.CACHE_FEATURES else None, rank=rank,
-                                          world_size=world_size)
-        self.train_loader = make_loader(train_items, cfg, train=True, device=self.device, sampler=self.sampler,
-                                        cache=self.train_cache, batch_size=cfg.BATCH_SIZE // world_size)
-        self.val_loader = make_loader(val_items[rank::world_size], cfg, train=False, device=self.device, cache=self.val_cache)
-        self.train_bad = BadImageLog("training", self.train_loader.dataset.paths, cfg.MAX_BAD_FRACTION)
-        self.val_bad = BadImageLog("validation", self.val_loader.dataset.paths, cfg.MAX_BAD_FRACTION,
-                                   n_images=len(val_items))
-
-    def save_last(self, epoch, step):
-        """The last checkpoint, to resume after `step` of `epoch` (process 0 saves; others do nothing)."""
-        if self.rank == 0:
-            save_last(self.last_path, self.model, self.optimizer, self.scaler, epoch, step, self.history,
-                      self.best_metrics, self.sums, self.best_calibration)
-
-    def flush_caches(self):
-        for cache in (self.train_cache, self.val_cache):
-            if cache is not None:
-                cache.flush()
-
-    def close(self):
-        """However training ends: the caches written out, the loaders' worker processes ended."""
-        self.flush_caches()
-        shut_down_workers(self.train_loader, self.val_loader)
-
-
-def raise_if_nonfinite(run, epoch, first_nonfinite_step):
-    """Stop with a UserError naming the step when a loss was NaN/inf (first_nonfinite_step >= 0)."""
-    if first_nonfinite_step.item() >= 0:
-        raise nonfinite_error(epoch, int(first_nonfinite_step.item()), run.cfg, run.last_path)
-
-
-def run_epoch(run, epoch, stop):
-    """The training steps of `epoch` (from run.start_step when resuming inside it); run.sums holds its losses."""
     from tqdm import tqdm
 
-    cfg, device = run.cfg, run.device
-    step = run.start_step if epoch == run.start_epoch else 0
-    if epoch != run.start_epoch or run.resumed_sums is None:
-        run.sums = torch.zeros(3, device=device)  # bce, supcon, images: summed on the device, read at log steps
-    run.sampler.set_epoch(epoch, start_batch=step)
-    # Set from the epoch at every start, so a resumed run has the same LR as an uninterrupted one.
-    lr = learning_rate(cfg, epoch)
-    if lr != run.optimizer.param_groups[0]["lr"] and run.rank == 0:
-        print(f"epoch {epoch}: learning rate {lr:g}")
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.model.train()
-    first_nonfinite_step = torch.full((), -1, device=device)
-    progress = tqdm(run.train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=step,
-                    total=run.sampler.batches_per_epoch(), leave=False, dynamic_ncols=True, disable=run.rank != 0)
-    for batch in progress:
-        run.train_bad.add(batch.bad, write=progress.write)
-        take_step = every_process_has_images(batch.pixels is not None, run.control_group)
+    epoch = progress.epoch
+    set_learning_rate(learner.optimizer, cfg, epoch)
+    learner.model.train()
+    data.sampler.set_epoch(epoch, start_batch=progress.step)
+    batches = tqdm(data.train_loader, desc=f"epoch {epoch}/{cfg.EPOCHS}", initial=progress.step,
+                   total=data.sampler.batches_per_epoch(), leave=False, dynamic_ncols=True, disable=procs.rank != 0)
+    nonfinite = NonfiniteWatch(learner.device)
+    for batch in batches:
+        data.train_bad.add(batch.bad, write=batches.write)
+        take_step = every_process_has_images(batch.pixels is not None, procs.control_group)
         if take_step:
-            bce, supcon, loss = training_step(run.model, run.step_model, batch, run.optimizer, run.scaler, cfg, device,
-                                              run.amp_dtype, run.train_cache, run.world_size)
-            # Remember the first bad step without a GPU sync; it is read at log steps.
-            is_bad = (first_nonfinite_step < 0) & ~torch.isfinite(loss)
-            first_nonfinite_step = torch.where(is_bad, step + 1, first_nonfinite_step)
-            n_images = torch.full((), float(len(batch.labels)), device=device)  # a fill, not a host-to-device copy
-            run.sums += torch.stack([bce, supcon * n_images, n_images])
+            bce, supcon, loss = training_step(learner, batch, cfg, data.train_cache)
+            nonfinite.note(loss, progress.step + 1)
         with stop.weights_and_position_together():
             if take_step:
-                update_weights(run.optimizer, run.scaler)
-            step += 1
-            run.resume_at = (epoch, step)
-        at_save_step = cfg.SAVE_EVERY_STEPS and step % cfg.SAVE_EVERY_STEPS == 0
-        if step % cfg.LOG_EVERY == 0 or at_save_step:
-            if run.world_size > 1:
-                torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
-            raise_if_nonfinite(run, epoch, first_nonfinite_step)
-            bce_avg, supcon_avg = (run.sums[:2] / run.sums[2].clamp(min=1)).tolist()
-            progress.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
-        if at_save_step:
-            run.save_last(epoch, step)
-        end_run_if_asked([run.train_bad], stop, run.control_group)
-    progress.close()
-    if run.world_size > 1:
-        torch.distributed.all_reduce(first_nonfinite_step, torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(run.sums)  # losses of the whole global batch
-        for buffer in run.model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
+                update_weights(learner)
+                progress.add_losses(bce, supcon, len(batch.labels))
+            progress.step += 1
+        at_save_step = cfg.SAVE_EVERY_STEPS and progress.step % cfg.SAVE_EVERY_STEPS == 0
+        if progress.step % cfg.LOG_EVERY == 0 or at_save_step:
+            nonfinite.check(epoch, cfg, procs.world_size)
+            bce_avg, supcon_avg = progress.mean_losses()
+            batches.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
+        if at_save_step and procs.rank == 0:
+            save_last(Path(cfg.CHECKPOINT_DIR) / LAST_NAME, learner, progress, cfg)
+        end_run_if_asked([data.train_bad], stop, procs.control_group)
+    batches.close()
+    nonfinite.check(epoch, cfg, procs.world_size)
+    if procs.world_size > 1:
+        torch.distributed.all_reduce(progress.sums)  # losses of the whole global batch
+        for buffer in learner.model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
             torch.distributed.broadcast(buffer, 0)
-    raise_if_nonfinite(run, epoch, first_nonfinite_step)
 
 
-def validate(run, epoch):
-    """Score the validation split (every process's share, gathered) after `epoch`; returns the epoch's metrics
-    (at temperature 1, the raw P(fake)) and the validation labels and raw logits, for the calibration."""
-    n_seen = max(run.sums[2].item(), 1.0)
-    indices, labels, probs, logits, val_bce_sum, bad = score_loader(run.model, run.val_loader, run.device,
-                                                                    run.amp_dtype, run.val_cache)
-    run.val_bad.add(bad)
-    end_run_if_asked([run.val_bad], control_group=run.control_group)
+def validate(progress, learner, data, cfg, procs):
+    """Score the validation split (every process's share, gathered) after the epoch's steps; returns the epoch's
+    metrics (at temperature 1, the raw P(fake)) and the validation labels and raw logits, for the calibration."""
+    n_seen = max(progress.sums[2].item(), 1.0)
+    indices, labels, probs, logits, val_bce_sum, bad = score_loader(learner.model, data.val_loader, learner.device,
+                                                                    learner.amp_dtype, data.val_cache)
+    data.val_bad.add(bad)
+    end_run_if_asked([data.val_bad], control_group=procs.control_group)
     indices, labels, probs, logits, val_bce_sum = gather_scores(indices, labels, probs, logits, val_bce_sum,
-                                                                run.world_size)
-    run.flush_caches()
-    metrics = binary_metrics(labels, probs, run.cfg.THRESHOLD, strict=scores_as_rine(run.cfg))
-    metrics.update(epoch=epoch, train_bce=run.sums[0].item() / n_seen, train_supcon=run.sums[1].item() / n_seen,
-                   val_bce=val_bce_sum / max(len(labels), 1),
-                   skipped_train=len(run.train_bad.bad), skipped_val=len(run.val_bad.bad))
-    if run.train_bad.bad or run.val_bad.bad:
-        print(f"epoch {epoch}: {len(run.train_bad.bad)} unreadable training and {len(run.val_bad.bad)} validation images skipped")
+                                                                procs.world_size)
+    flush_caches(data)
+    metrics = binary_metrics(labels, probs, cfg.THRESHOLD, strict=scores_as_rine(cfg))
+    metrics.update(epoch=progress.epoch, train_bce=progress.sums[0].item() / n_seen,
+                   train_supcon=progress.sums[1].item() / n_seen, val_bce=val_bce_sum / max(len(labels), 1),
+                   skipped_train=len(data.train_bad.bad), skipped_val=len(data.val_bad.bad))
+    if data.train_bad.bad or data.val_bad.bad:
+        print(f"epoch {progress.epoch}: {len(data.train_bad.bad)} unreadable training and {len(data.val_bad.bad)} "
+              "validation images skipped")
     return metrics, labels, logits
-
-
-def select_and_save(run, epoch, metrics, val_labels, val_logits):
-    """Save the epoch as the best checkpoint when SELECT_METRIC says it is, with a temperature (and the
-    TARGET_FPR threshold) fitted on its validation logits, then the last checkpoint to resume at the
-    next epoch. Returns the note for the epoch's line ("" when not the best)."""
-    marker = ""
-    better = is_better(run.cfg.SELECT_METRIC, metrics, run.best_metrics)
-    calibration = calibration_record(val_labels, val_logits, run.cfg.TARGET_FPR) if better else run.best_calibration
-    if better and run.rank == 0:
-        atomic_torch_save(make_checkpoint(run.model, epoch, metrics, run.history + [metrics], calibration), run.best_path)
-        marker = f"  <- best {run.cfg.SELECT_METRIC}, saved {run.best_path}"
-    # The epoch counts as done only from here: an interruption before this line resumes
-    # at its validation, one after it at the next epoch.
-    run.history, run.best_metrics = run.history + [metrics], (metrics if better else run.best_metrics)
-    run.best_calibration = calibration
-    run.sums, run.resume_at = torch.zeros(3, device=run.device), (epoch + 1, 0)
-    run.save_last(epoch + 1, 0)
-    return marker
 
 
 def print_epoch(metrics, started, marker):
@@ -3236,10 +3339,12 @@ def print_epoch(metrics, started, marker):
           f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
 
 
-def report_interruption(run, stop):
+def report_interruption(progress, learner, cfg, rank, stop):
     """After Ctrl-C or SIGTERM: save the position reached, and the RunInterrupted that says how to continue."""
-    run.save_last(*run.resume_at)
-    return stop.interruption(run.resume_at, run.last_path)
+    last_path = Path(cfg.CHECKPOINT_DIR) / LAST_NAME
+    if rank == 0:
+        save_last(last_path, learner, progress, cfg)
+    return stop.interruption((progress.epoch, progress.step), last_path)
 
 
 def out_of_memory_error(cfg):
@@ -3247,24 +3352,25 @@ def out_of_memory_error(cfg):
                      f"{max(1, cfg.BATCH_SIZE // 2)}) or --proj-dim, or use fewer --blocks; close other programs on the GPU.")
 
 
-def report_training(run):
+def report_training(progress, model, data, cfg, procs):
     """After the last epoch: the block importances, the pictures and the table of every epoch's validation."""
-    if run.world_size > 1:
+    if procs.world_size > 1:
         torch.distributed.destroy_process_group()
-    if run.train_cache is not None and run.train_cache.damaged + run.val_cache.damaged:
-        print(f"feature cache: {run.train_cache.damaged + run.val_cache.damaged} damaged entries were recomputed")
+    if data.train_cache is not None and data.train_cache.damaged + data.val_cache.damaged:
+        print(f"feature cache: {data.train_cache.damaged + data.val_cache.damaged} damaged entries were recomputed")
     print()
-    print_block_importance(run.model)
-    checkpoint_dir = run.checkpoint_dir
-    if run.rank == 0:
-        plot_training_curves(run.history, checkpoint_dir / "training_curves.png")
-        plot_block_importance(run.model, checkpoint_dir / "tie_block_importance.png")
+    print_block_importance(model)
+    checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
+    if procs.rank == 0:
+        plot_training_curves(progress.history, checkpoint_dir / "training_curves.png")
+        plot_block_importance(model, checkpoint_dir / "tie_block_importance.png")
     print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}")
-    print(f"\nvalidation, every epoch (train losses per image; best by {run.cfg.SELECT_METRIC} saved to {run.best_path}):")
-    print(format_table(HISTORY_COLUMNS, [history_row(m) for m in run.history]))
-    if run.best_calibration is not None:
+    print(f"\nvalidation, every epoch (train losses per image; best by {cfg.SELECT_METRIC} saved to "
+          f"{checkpoint_dir / BEST_NAME}):")
+    print(format_table(HISTORY_COLUMNS, [history_row(m) for m in progress.history]))
+    if progress.best_calibration is not None:
         print()
-        print_calibration(run.best_calibration)
+        print_calibration(progress.best_calibration)
 
 
 def print_calibration(calibration):
@@ -3291,27 +3397,51 @@ def print_calibration(calibration):
 def train(cfg):
     """Train with the configuration; returns the path of the best checkpoint.
 
-    Each epoch: the training steps, validation, the best checkpoint by SELECT_METRIC and the last one
-    to resume from. Ctrl-C or SIGTERM stops between steps and saves where to continue (--resume).
+    Each epoch: the training steps, validation, the best checkpoint by SELECT_METRIC (with the temperature
+    fitted on its validation logits) and the last one to resume from. Ctrl-C or SIGTERM stops between
+    steps and saves where to continue (--resume).
     """
-    run = TrainingRun(cfg)  # processes, data, model, optimizer, a resumed state, caches and loaders
+    validate_config(cfg)
+    procs = setup_distributed(cfg)  # one process, or this one of torchrun's
+    seed_everything(cfg.SEED)
+    configure_determinism(cfg.DETERMINISTIC)
+    train_items, val_items = on_rank_zero(lambda: prepare_splits(cfg), procs.rank, procs.control_group)
+    if procs.world_size > 1 and len(train_items) < cfg.BATCH_SIZE:
+        raise UserError(f"{len(train_items)} training images are fewer than one batch of {cfg.BATCH_SIZE}; lower --batch-size.")
+    model = build_model(cfg, procs.device)
+    learner = make_learner(model, cfg, procs.device, procs.world_size)
+    print_set_up(learner, cfg)
+    progress = start_or_resume(cfg, learner)
+    seed_dropout_per_process(cfg.SEED, procs.rank, procs.world_size, progress.epoch, progress.step)
+    data = open_training_data(cfg, train_items, val_items, model.backbone, procs)
+    best_path, last_path = Path(cfg.CHECKPOINT_DIR) / BEST_NAME, Path(cfg.CHECKPOINT_DIR) / LAST_NAME
+    provenance()  # worked out now (it reads the source and asks git), so that saving on the way out stays quick
     with GracefulStop() as stop:
         try:
-            for epoch in range(run.start_epoch, cfg.EPOCHS + 1):
+            while progress.epoch <= cfg.EPOCHS:
                 started = time.time()
-                run_epoch(run, epoch, stop)
-                metrics, val_labels, val_logits = validate(run, epoch)
-                marker = select_and_save(run, epoch, metrics, val_labels, val_logits)
-                print_epoch(metrics, started, marker)
-                end_run_if_asked([], stop, run.control_group)
+                train_epoch(progress, learner, data, cfg, procs, stop)
+                metrics, val_labels, val_logits = validate(progress, learner, data, cfg, procs)
+                best = is_better(cfg.SELECT_METRIC, metrics, progress.best_metrics)
+                calibration = calibration_record(val_labels, val_logits, cfg.TARGET_FPR) if best else None
+                if best and procs.rank == 0:
+                    atomic_torch_save(make_checkpoint(model, progress.epoch, metrics, progress.history + [metrics],
+                                                      calibration, config=cfg), best_path)
+                # The epoch counts as done only from here: an interruption before this line resumes
+                # at its validation, one after it at the next epoch.
+                progress.finish_epoch(metrics, best, calibration)
+                if procs.rank == 0:
+                    save_last(last_path, learner, progress, cfg)
+                print_epoch(metrics, started, f"  <- best {cfg.SELECT_METRIC}, saved {best_path}" if best else "")
+                end_run_if_asked([], stop, procs.control_group)
         except KeyboardInterrupt:
-            raise report_interruption(run, stop)
+            raise report_interruption(progress, learner, cfg, procs.rank, stop)
         except torch.cuda.OutOfMemoryError:
             raise out_of_memory_error(cfg)
         finally:
-            run.close()
-    report_training(run)
-    return run.best_path
+            close_training_data(data)
+    report_training(progress, model, data, cfg, procs)
+    return best_path
 
 
 HISTORY_COLUMNS = ["epoch", "train_bce", "train_supcon", "val_bce", "acc", "ap", "auc", "real_acc", "fake_acc"]

@@ -178,15 +178,13 @@ def synthetic_batch(batch_size, device, crop):
 
 def training_step_peak_gb(model, cfg, device, batch_size):
     """Peak GPU memory (GB) of one training step (Adam's state included), or None when it runs out of memory."""
-    amp_dtype = rps.resolve_amp_dtype(cfg.AMP, device)
-    optimizer = rps.make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    learner = rps.make_learner(model, cfg, device)
     model.train()
     torch.cuda.reset_peak_memory_stats(device)
     try:
         batch = synthetic_batch(batch_size, device, cfg.CROP_SIZE)
-        rps.training_step(model, model, batch, optimizer, scaler, cfg, device, amp_dtype)
-        rps.update_weights(optimizer, scaler)
+        rps.training_step(learner, batch, cfg)
+        rps.update_weights(learner)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 1e9
     except torch.cuda.OutOfMemoryError:
@@ -196,7 +194,7 @@ def training_step_peak_gb(model, cfg, device, batch_size):
             return None
         raise
     finally:
-        del optimizer, scaler
+        del learner
         model.zero_grad(set_to_none=True)
         release_memory(device)
 

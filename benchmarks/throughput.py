@@ -84,17 +84,17 @@ def timed(function, device, repeats):
 
 
 def training_epoch(model, loader, sampler, cfg, device, cache=None, step_model=None):
-    """One epoch of training_step over the loader (step_model: e.g. the torch.compile'd model)."""
-    amp_dtype = rps.resolve_amp_dtype(cfg.AMP, device)
-    optimizer = rps.make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    """One epoch of the script's training step over the loader (step_model: e.g. the torch.compile'd model)."""
+    learner = rps.make_learner(model, cfg, device)
+    if step_model is not None:
+        learner = learner._replace(step_model=step_model)
     sampler.set_epoch(1)
     model.train()
 
     def run():
         for batch in loader:
-            rps.training_step(model, model if step_model is None else step_model, batch, optimizer, scaler, cfg, device, amp_dtype, cache)
-            rps.update_weights(optimizer, scaler)
+            rps.training_step(learner, batch, cfg, cache)
+            rps.update_weights(learner)
     return run
 
 

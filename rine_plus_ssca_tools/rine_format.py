@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from rine_plus_ssca import (CHECKPOINT_FORMAT, CHOICES, CLIP_MODEL, OneLineErrorParser, UserError, atomic_torch_save,
-                            atomic_write_bytes, checkpoint_record, default_config, parse_block_list, read_checkpoint)
+                            atomic_write_bytes, checkpoint_config, checkpoint_record, default_config, parse_block_list,
+                            read_checkpoint)
 
 
 # RINE's released trainable checkpoints (github.com/mever-team/rine, ckpt/model_*_trainable.pth) are plain
@@ -91,7 +92,7 @@ def rine_checkpoint(path, clip_model, amp):
 
 def rine_weights(checkpoint, path):
     """A USE_SPECTRAL=False checkpoint's weights in RINE's format (what read_rine_weights reads back)."""
-    config, n_layers = checkpoint["config"], checkpoint["backbone_config"].get("num_hidden_layers")
+    config, n_layers = checkpoint["architecture"], checkpoint["backbone_config"].get("num_hidden_layers")
     if config.get("USE_SPECTRAL", True):
         raise UserError(f"{path} is a RINE+SSCA checkpoint; only one trained with --no-use-spectral (RINE) can be "
                         "written in RINE's format.")
@@ -126,14 +127,14 @@ def run_export(args):
     if args.rine_format:
         state = rine_weights(checkpoint, args.ckpt)
         atomic_torch_save(state, args.out)
-        print(f"wrote {args.out} in RINE's format ({len(state)} tensors, d'={checkpoint['config']['PROJ_DIM']}, "
-              f"NPROJ={checkpoint['config']['NPROJ']})")
+        print(f"wrote {args.out} in RINE's format ({len(state)} tensors, d'={checkpoint['architecture']['PROJ_DIM']}, "
+              f"NPROJ={checkpoint['architecture']['NPROJ']})")
         if "calibration" in checkpoint:
             print(f"note: RINE's format holds the weights only; the temperature {checkpoint['calibration']['temperature']:.3g} "
                   "fitted in training is not in it (P(fake) from the file is uncalibrated)")
         return 0
     tensors = {name: tensor.contiguous() for name, tensor in checkpoint["model"].items()}
-    metadata = {"format": str(CHECKPOINT_FORMAT), "config": json.dumps(checkpoint["config"]),
+    metadata = {"format": str(CHECKPOINT_FORMAT), "config": json.dumps(checkpoint_config(checkpoint)),
                 "metrics": json.dumps(checkpoint.get("metrics", {})),
                 "backbone_folder": checkpoint.get("backbone_folder") or ""}
     if "calibration" in checkpoint:
@@ -162,7 +163,7 @@ def run_import_rine(args):
     """The import-rine command: d' and NPROJ read from the shapes, written atomically."""
     checkpoint = rine_checkpoint(args.ckpt, args.clip_model, args.amp)
     atomic_torch_save(checkpoint, args.out)
-    config, backbone = checkpoint["config"], checkpoint["backbone_config"]
+    config, backbone = checkpoint["architecture"], checkpoint["backbone_config"]
     print(f"wrote {args.out}: RINE (USE_SPECTRAL=False) with d'={config['PROJ_DIM']}, NPROJ={config['NPROJ']}, for a "
           f"backbone of width {backbone['hidden_size']} with {backbone['num_hidden_layers']} blocks ({args.clip_model})")
     return 0

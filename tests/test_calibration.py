@@ -255,7 +255,8 @@ def test_the_demo_checkpoint_is_no_worse_calibrated_on_validation_than_raw(demo)
     calibration = torch.load(best, map_location="cpu", weights_only=True)["calibration"]
     assert calibration["val_ece_calibrated"] <= calibration["val_ece_raw"]
     model = rps.load_detector(best, device="cpu", calibrated=False)
-    cfg = SimpleNamespace(**dict(model.config, NUM_WORKERS=0))
+    batch_size = rps.read_checkpoint(best)["run_config"]["BATCH_SIZE"]  # the validation batches of training
+    cfg = SimpleNamespace(**dict(model.config, NUM_WORKERS=0, BATCH_SIZE=batch_size))
     items = rps.collect_test_items(cwd / "data/demo/val")
     loader = rps.make_loader(items, cfg, train=False, device=torch.device("cpu"))
     _, labels, _, logits, _, _ = rps.score_loader(model, loader, torch.device("cpu"), None)

@@ -51,7 +51,7 @@ def test_best_and_last_checkpoints_are_written_atomically(run):
 @pytest.mark.parametrize("which", ["best", "last"])
 def test_checkpoint_loads_with_weights_only_and_holds_no_backbone(run, which):
     checkpoint = torch.load(run[which], map_location="cpu", weights_only=True)
-    assert {"config", "model", "metrics"} <= set(checkpoint)
+    assert {"architecture", "run_config", "model", "metrics"} <= set(checkpoint)
     not_plain = [key for key, value in checkpoint.items() if not is_plain(value)]
     assert not not_plain, f"entries that are not tensors/plain values: {not_plain}"
     keys = list(checkpoint["model"])
@@ -61,10 +61,14 @@ def test_checkpoint_loads_with_weights_only_and_holds_no_backbone(run, which):
         assert isinstance(checkpoint["metrics"][metric], float)
         assert 0.0 <= checkpoint["metrics"][metric] <= 1.0
     # The whole configuration, so a notebook can rebuild the model.
-    missing = [name for name in rps.CONFIG_NAMES if name not in checkpoint["config"]]
+    config = rps.checkpoint_config(checkpoint)
+    missing = [name for name in rps.CONFIG_NAMES if name not in config]
     assert not missing, f"configuration constants missing from the checkpoint: {missing}"
     for name in rps.CONFIG_NAMES:
-        assert checkpoint["config"][name] == getattr(run["cfg"], name), name
+        assert config[name] == getattr(run["cfg"], name), name
+    # The architecture apart from the run's settings.
+    assert list(checkpoint["architecture"]) == rps.ARCHITECTURE_CONSTANTS
+    assert not set(checkpoint["run_config"]) & set(rps.ARCHITECTURE_CONSTANTS)
 
 
 def test_last_checkpoint_has_the_whole_history_and_best_follows_the_select_metric(run):
@@ -87,7 +91,7 @@ def reference_probabilities(checkpoint_path, paths):
     sigmoid(logit / T) with the temperature the checkpoint stores (its calibration)."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     cfg = rps.default_config()
-    for name, value in checkpoint["config"].items():
+    for name, value in checkpoint["architecture"].items():
         setattr(cfg, name, value)
     model = rps.RINEPlusSSCA(cfg)
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
@@ -226,3 +230,57 @@ def test_load_detector_refuses_missing_or_unexpected_weights(run, tmp_path, chan
     key = "classifier.weight" if change == "missing" else "extra_layer.weight"
     with pytest.raises(rps.UserError, match=rf"does not match this model \(.*{key}"):
         rps.load_detector(path, device="cpu")
+
+
+# --------------------------------------------------------------------------- architecture apart, provenance, format 3
+
+def test_load_detector_builds_the_model_from_the_architecture_and_the_scoring_constants(run, tmp_path):
+    checkpoint = torch.load(run["best"], map_location="cpu", weights_only=True)
+    expected = rps.predict(rps.load_detector(run["best"], device="cpu"), run["test_images"])
+    # The run's files, machine and optimisation are not needed to rebuild and score the detector.
+    scoring = {name: checkpoint["run_config"][name] for name in rps.SCORING_CONSTANTS}
+    path = tmp_path / "architecture_only.pth"
+    torch.save({**checkpoint, "run_config": scoring}, path)
+    model = rps.load_detector(path, device="cpu")
+    assert model.config == {**checkpoint["architecture"], **scoring}
+    np.testing.assert_array_equal(rps.predict(model, run["test_images"]), expected)
+
+
+def test_a_format_3_checkpoint_with_every_constant_in_one_config_still_loads(run, tmp_path):
+    checkpoint = torch.load(run["best"], map_location="cpu", weights_only=True)
+    expected = rps.predict(rps.load_detector(run["best"], device="cpu"), run["test_images"])
+    old = {key: value for key, value in checkpoint.items()
+           if key not in ("architecture", "run_config", "model_code_sha256", "git_commit")}
+    old.update(format=3, config=rps.checkpoint_config(checkpoint), script_sha256="0" * 64)
+    path = tmp_path / "format_3.pth"
+    torch.save(old, path)
+    read = rps.read_checkpoint(path)
+    assert (read["architecture"], read["run_config"]) == (checkpoint["architecture"], checkpoint["run_config"])
+    np.testing.assert_array_equal(rps.predict(rps.load_detector(path, device="cpu"), run["test_images"]), expected)
+
+
+def provenance_of(script_text, folder):
+    """(model_code_sha256(), git_commit()) of a copy of the script with `script_text`, alone in `folder`."""
+    folder.mkdir()
+    (folder / "rine_plus_ssca.py").write_text(script_text)
+    code = "import rine_plus_ssca as r; print(r.model_code_sha256(), r.git_commit())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH="", PYTHONDONTWRITEBYTECODE="1"))
+    assert result.returncode == 0, result.stderr
+    return tuple(result.stdout.split())
+
+
+def test_provenance_follows_the_model_code_not_the_messages(run, tmp_path):
+    checkpoint = torch.load(run["best"], map_location="cpu", weights_only=True)
+    assert checkpoint["model_code_sha256"] == rps.model_code_sha256() and "script_sha256" not in checkpoint
+    assert checkpoint["git_commit"] == rps.git_commit()
+    text = (REPO / "rine_plus_ssca.py").read_text()
+    message, model_line = "Nothing to resume: there is no", "        self.classifier = nn.Linear(dim, 1)\n"
+    assert text.count(message) == 1 and text.count(model_line) == 1
+    original = provenance_of(text, tmp_path / "original")
+    edited_message = provenance_of(text.replace(message, "Nothing to resume here: no"), tmp_path / "message")
+    edited_model = provenance_of(text.replace(model_line, model_line.replace("(dim, 1)", "(dim, 1, bias=True)")),
+                                 tmp_path / "model")
+    assert original[0] == rps.model_code_sha256()  # the same code wherever the file lies
+    assert edited_message[0] == original[0] and edited_model[0] != original[0]
+    assert original[1] == "None"  # a copy outside any git checkout: no commit, no failure

@@ -128,7 +128,7 @@ def test_options_reach_the_saved_configuration(tmp_path, tiny_backbone):
     result = run_script(args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     checkpoint = torch.load(tmp_path / "out" / rps.BEST_NAME, weights_only=True)
-    config = checkpoint["config"]
+    config = rps.checkpoint_config(checkpoint)
     expected = dict(PROJ_DIM=16, SPEC_CHANNELS=8, FUSION_DIM=16, FUSION_HEADS=2, FUSION="concat", EPOCHS=1,
                     BATCH_SIZE=6, XI=0.4, LR=0.002, VAL_FRACTION=0.25, SEED=3, BLOCKS="0,2", SELECT_METRIC="acc",
                     USE_TIE=False, DATA_DIR="data", CHECKPOINT_DIR="out")
@@ -165,7 +165,7 @@ def test_demo_runs_end_to_end(demo):
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     # The validation table: one row per epoch, with accuracy and AP.
     rows = parse_table(result.stdout, "epoch")
-    assert [int(r["epoch"]) for r in rows] == list(range(1, checkpoint["config"]["EPOCHS"] + 1))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, checkpoint["run_config"]["EPOCHS"] + 1))
     assert {"acc", "ap"} <= set(rows[0])
     assert checkpoint["metrics"]["acc"] >= 0.90, checkpoint["metrics"]
     best_row = [r for r in rows if int(r["epoch"]) == checkpoint["epoch"]][0]

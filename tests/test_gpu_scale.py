@@ -94,9 +94,9 @@ def fake_pinning(monkeypatch):
 
 def test_the_loaders_pinning_path_pins_every_tensor_of_a_batch(monkeypatch):
     pinned = fake_pinning(monkeypatch)
-    samples = [(torch.full((3, 8, 8), i, dtype=torch.uint8), i % 2, i, torch.randn(4, 6) if i else None, 0, False)
+    samples = [rps.Sample(torch.full((3, 8, 8), i, dtype=torch.uint8), i % 2, i, 0, tokens=torch.randn(4, 6) if i else None)
                for i in range(3)]
-    batch = rps.collate_skipping_bad(samples + [(None, "OSError: truncated", 7, None, 0, False)])
+    batch = rps.collate_skipping_bad(samples + [rps.Sample(None, 1, 7, 0, error="OSError: truncated")])
     original = {name: getattr(batch, name) for name in ("pixels", "labels", "indices", "views", "tokens", "cached")}
     # What DataLoader(pin_memory=True)'s pinning thread calls on every batch.
     result = loader_pinning.pin_memory(batch)
@@ -110,11 +110,11 @@ def test_the_loaders_pinning_path_pins_every_tensor_of_a_batch(monkeypatch):
 
 def test_pinning_skips_what_a_batch_does_not_have(monkeypatch):
     pinned = fake_pinning(monkeypatch)
-    batch = rps.collate_skipping_bad([(torch.zeros(3, 8, 8, dtype=torch.uint8), 0, 0, None, 0, False)])
+    batch = rps.collate_skipping_bad([rps.Sample(torch.zeros(3, 8, 8, dtype=torch.uint8), 0, 0, 0)])
     assert batch.tokens is None
     result = loader_pinning.pin_memory(batch)
     assert len(pinned) == 5 and result.tokens is None
-    empty = loader_pinning.pin_memory(rps.collate_skipping_bad([(None, "bad", 0, None, 0, False)]))
+    empty = loader_pinning.pin_memory(rps.collate_skipping_bad([rps.Sample(None, 0, 0, 0, error="bad")]))
     assert empty.pixels is None and len(pinned) == 5
 
 

@@ -104,8 +104,9 @@ def test_a_training_step_with_xi_zero_leaves_supcon_out(tree, make_cfg, xi):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = one_batch(tree, cfg)
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
-    bce, supcon, loss = rps.training_step(model, model, batch, optimizer, scaler, cfg, torch.device("cpu"), None)
-    rps.update_weights(optimizer, scaler)
+    learner = rps.Learner(model, model, optimizer, scaler, torch.device("cpu"), None)
+    bce, supcon, loss = rps.training_step(learner, batch, cfg)
+    rps.update_weights(learner)
     projection = [p for name, p in model.named_parameters() if name.startswith("supcon_projection.")]
     assert projection
     if xi == 0:
@@ -257,9 +258,9 @@ def test_training_uses_the_dropped_learning_rate_and_resume_keeps_it(tree, tiny_
     seen = []
     step = rps.training_step
 
-    def recording_step(model, step_model, batch, optimizer, *args, **kwargs):
-        seen.append(optimizer.param_groups[0]["lr"])
-        return step(model, step_model, batch, optimizer, *args, **kwargs)
+    def recording_step(learner, *args, **kwargs):
+        seen.append(learner.optimizer.param_groups[0]["lr"])
+        return step(learner, *args, **kwargs)
 
     monkeypatch.setattr(rps, "training_step", recording_step)
     common = dict(DATA_DIR=str(tree), LR=1e-3, LR_DROP_EPOCHS="2,3")
@@ -477,8 +478,8 @@ def test_a_training_step_uses_supcon_temperature(tree, make_cfg, temperature):
     model = rps.RINEPlusSSCA(cfg).train()
     optimizer = rps.make_optimizer(model, cfg)
     batch = one_batch(tree, cfg)
-    _, supcon, _ = rps.training_step(model, model, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg,
-                                     torch.device("cpu"), None)
+    learner = rps.Learner(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None)
+    _, supcon, _ = rps.training_step(learner, batch, cfg)
     with torch.no_grad():
         _, features = model(rps.normalise_uint8(batch.pixels), None)
     expected = rps.supervised_contrastive_loss(features, batch.labels, temperature)

@@ -26,7 +26,7 @@ NOT_CONSTANTS = {
     "CUBLAS_WORKSPACE_CONFIG",  # environment variable set by DETERMINISTIC
     "OMP_NUM_THREADS",  # environment variable: CPU threads per process
     "CONFIG_NAMES",  # the script's list of constants
-    "ARCHITECTURE", "INPUTS", "RUN",  # what a constant affects, in its declare(...)
+    "ARCHITECTURE", "INPUTS", "RUN", "SCORING",  # what a constant affects, in its declare(...)
 }
 
 COMMAND_NAMES = ("eval", "predict", "check-data", "export", "import-rine")

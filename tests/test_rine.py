@@ -151,7 +151,7 @@ def test_import_rine_then_predict_equals_rines_forward(tmp_path, tiny_backbone, 
     assert f"d'={dim}, NPROJ={nproj}" in result.stdout
 
     checkpoint = torch.load(tmp_path / "imported.pth", weights_only=True)
-    config = checkpoint["config"]
+    config = checkpoint["architecture"]
     assert (config["PROJ_DIM"], config["NPROJ"], config["USE_SPECTRAL"], config["USE_TIE"]) == (dim, nproj, False, True)
     assert (config["BLOCKS"], config["CROP_SIZE"], config["CLIP_MODEL"]) == ("all", 224, tiny_backbone)
     assert checkpoint["model"].keys() == state.keys()

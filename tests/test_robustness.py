@@ -5,7 +5,6 @@ with the tiny CLIP-shaped backbone of conftest. Independent runs are started sid
 processes, one thread each) so the file stays within a few minutes on a 2-core CPU.
 """
 
-import hashlib
 import json
 import os
 import pickle
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
-from conftest import SCRIPT, nonempty_lines, run_script, small_config, write_demo_tree
+from conftest import nonempty_lines, run_script, small_config, write_demo_tree
 from test_run_ends import WRAPPER
 
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
@@ -203,7 +202,7 @@ def test_two_deterministic_runs_are_identical_and_record_provenance(reference):
     last = load(a / rps.LAST_NAME)
     assert [m["epoch"] for m in last["history"]] == [1, 2]
 
-    config = last["config"]
+    config = rps.checkpoint_config(last)
     assert set(rps.CONFIG_NAMES) <= set(config)
     expected = dict(BATCH_SIZE=8, PROJ_DIM=32, SPEC_CHANNELS=16, FUSION_DIM=32, FUSION_HEADS=4, EPOCHS=2,
                     DETERMINISTIC=True, SAVE_EVERY_STEPS=2, LOG_EVERY=1, SEED=0, DATA_DIR=str(reference.tree),
@@ -211,7 +210,8 @@ def test_two_deterministic_runs_are_identical_and_record_provenance(reference):
     assert {k: config[k] for k in expected} == expected
     assert last["versions"] == {"torch": torch.__version__, "torchvision": torchvision.__version__,
                                 "transformers": transformers.__version__}
-    assert last["script_sha256"] == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
+    assert last["model_code_sha256"] == rps.model_code_sha256() and len(last["model_code_sha256"]) == 64
+    assert last["git_commit"] == rps.git_commit()  # the commit of this checkout (None outside one)
 
 
 # =========================================================================== 3. Ctrl-C and SIGTERM
@@ -294,9 +294,9 @@ def test_interrupt_at_an_epoch_boundary_resumes_to_the_same_checkpoint(moment, b
     fired = []
     real_save_last, real_atomic_save = rps.save_last, rps.atomic_torch_save
 
-    def save_last_then_ctrl_c(path, model, optimizer, scaler, epoch, step, *args):
-        real_save_last(path, model, optimizer, scaler, epoch, step, *args)
-        if moment == "after_epoch_end_save" and not fired and (epoch, step) == (2, 0):  # epoch 1 just ended
+    def save_last_then_ctrl_c(path, learner, progress, *args):
+        real_save_last(path, learner, progress, *args)
+        if moment == "after_epoch_end_save" and not fired and (progress.epoch, progress.step) == (2, 0):  # epoch 1 just ended
             fired.append(moment)
             raise KeyboardInterrupt
 
@@ -631,4 +631,4 @@ def test_export_to_safetensors_keeps_tensors_and_config(failures):
     assert_same_tensors(checkpoint["model"], load_file(out), "safetensors export")
     with safe_open(str(out), framework="pt") as f:
         metadata = f.metadata()
-    assert json.loads(metadata["config"]) == checkpoint["config"]
+    assert json.loads(metadata["config"]) == rps.checkpoint_config(checkpoint)

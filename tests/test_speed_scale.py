@@ -175,7 +175,7 @@ def test_a_second_run_with_another_head_constant_reads_the_cache(cache_runs):
     lines = cache_lines(cached.stdout)
     assert set(lines) == {"train", "val"} and all(line.endswith("100% filled") for line in lines.values()), lines
     assert "damaged" not in cached.stdout
-    assert load(cache_runs.root / "cached_xi" / rps.LAST_NAME)["config"]["XI"] == 0.4
+    assert load(cache_runs.root / "cached_xi" / rps.LAST_NAME)["run_config"]["XI"] == 0.4
     assert_same_model(cache_runs.root / "uncached_xi", cache_runs.root / "cached_xi", "cached vs uncached, XI 0.4")
     # XI really changed the training: the XI 0.4 model differs from the XI 0.2 one.
     first = load(cache_runs.root / "uncached" / rps.LAST_NAME)["model"]
@@ -373,7 +373,7 @@ def test_compile_trains_end_to_end_and_computes_what_the_eager_model_computes(tm
     result = assert_ok(run_script(train_args(tree, tiny_backbone, tmp_path / "compiled", "--epochs", "1", "--amp", "off",
                                              "--compile"), tmp_path, 900, {"OMP_NUM_THREADS": "1"}))
     checkpoint = load(tmp_path / "compiled" / "best_rine_plus_ssca.pth")
-    assert checkpoint["config"]["COMPILE"] is True and np.isfinite(checkpoint["metrics"]["val_bce"]), result.stdout[-2000:]
+    assert checkpoint["run_config"]["COMPILE"] is True and np.isfinite(checkpoint["metrics"]["val_bce"]), result.stdout[-2000:]
     # ... and the compiled module computes the eager one's logits (training then differs only by
     # float rounding, which Adam amplifies, so whole runs are not compared).
     model = rps.load_detector(tmp_path / "compiled" / "best_rine_plus_ssca.pth", device="cpu")

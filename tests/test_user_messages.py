@@ -60,7 +60,7 @@ def one_line_error(code, err, *fragments):
 
 def test_a_notebook_in_another_folder_loads_the_checkpoint(trained, tmp_path):
     # The checkpoint names its backbone "backbones/tiny", relative to the training run's folder.
-    assert torch.load(trained["best"], weights_only=True)["config"]["CLIP_MODEL"] == "backbones/tiny"
+    assert torch.load(trained["best"], weights_only=True)["architecture"]["CLIP_MODEL"] == "backbones/tiny"
     elsewhere = tmp_path / "notebooks"
     elsewhere.mkdir()
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from rine_plus_ssca import load_detector, predict; "
