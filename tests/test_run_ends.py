@@ -324,21 +324,26 @@ def _joint_decisions(rank, init_file, results):
     results.put((rank, outcome))
 
 
-def test_processes_agree_on_stopping_and_on_too_many_unreadable_images(tmp_path):
+def in_two_gloo_processes(target, tmp_path):
+    """{rank: outcome} of target(rank, init_file, results) run in two spawned processes joined by gloo."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_joint_decisions, args=(rank, tmp_path / "init", results)) for rank in (0, 1)]
+    processes = [context.Process(target=target, args=(rank, tmp_path / "init", results)) for rank in (0, 1)]
     for process in processes:
         process.start()
     try:
-        outcomes = dict(results.get(timeout=GUARD_S) for _ in processes)
+        return dict(results.get(timeout=GUARD_S) for _ in processes)
     finally:
         for process in processes:
             process.join(timeout=EXIT_WITHIN_S)
             if process.is_alive():
                 process.kill()
+
+
+def test_processes_agree_on_stopping_and_on_too_many_unreadable_images(tmp_path):
+    outcomes = in_two_gloo_processes(_joint_decisions, tmp_path)
     for rank in (0, 1):
         assert outcomes[rank]["stop"] == signal.SIGTERM, outcomes  # rank 0 got no signal, yet stops as rank 1 does
         assert outcomes[rank]["bad"].startswith("2 of 10 training images are unreadable"), outcomes
@@ -363,21 +368,7 @@ def _one_process_without_images(rank, init_file, results):
 
 
 def test_processes_skip_a_step_together_and_draw_their_own_dropout_masks(tmp_path):
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    processes = [context.Process(target=_one_process_without_images, args=(rank, tmp_path / "init", results))
-                 for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    try:
-        outcomes = dict(results.get(timeout=GUARD_S) for _ in processes)
-    finally:
-        for process in processes:
-            process.join(timeout=EXIT_WITHIN_S)
-            if process.is_alive():
-                process.kill()
+    outcomes = in_two_gloo_processes(_one_process_without_images, tmp_path)
     assert outcomes[0][0] is False and outcomes[1][0] is False  # rank 0 had images, yet skips with rank 1
     assert outcomes[0][1] != outcomes[1][1]  # each process its own dropout mask
 
