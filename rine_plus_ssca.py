@@ -2563,6 +2563,9 @@ def read_checkpoint(path):
         checkpoint = read_exported(path)
     else:
         checkpoint = read_torch_checkpoint(path)
+    if isinstance(checkpoint, dict) and "alpha" in checkpoint and any(key.startswith("proj1.") for key in checkpoint):
+        raise UserError(f"{path} holds RINE's own weights (alpha, proj1, ...), not a checkpoint of this script; turn it "
+                        f"into one first: python rine_plus_ssca.py import-rine --ckpt {path} --out checkpoints/rine.pth")
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or not {"architecture", "config"} & checkpoint.keys():
         raise UserError(f"{path} is not a rine_plus_ssca checkpoint (no 'model'/'architecture' entries).")
     if checkpoint.get("format") not in READABLE_FORMATS:
@@ -3412,6 +3415,9 @@ def train(cfg):
     learner = make_learner(model, cfg, procs.device, procs.world_size)
     print_set_up(learner, cfg)
     progress = start_or_resume(cfg, learner)
+    if progress.epoch > cfg.EPOCHS:
+        print(f"nothing left to do: the run in {cfg.CHECKPOINT_DIR} finished its {progress.epoch - 1} epoch(s), and "
+              f"EPOCHS is {cfg.EPOCHS}; pass a larger --epochs with --resume to train on.")
     seed_dropout_per_process(cfg.SEED, procs.rank, procs.world_size, progress.epoch, progress.step)
     data = open_training_data(cfg, train_items, val_items, model.backbone, procs)
     best_path, last_path = Path(cfg.CHECKPOINT_DIR) / BEST_NAME, Path(cfg.CHECKPOINT_DIR) / LAST_NAME

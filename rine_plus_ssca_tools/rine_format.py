@@ -51,7 +51,7 @@ def read_rine_weights(path):
                             "trainable checkpoints are plain dicts of tensors.") from error
         raise UserError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}); import-rine reads RINE's "
                         "ckpt/model_*_trainable.pth files.") from error
-    if isinstance(state, dict) and "model" in state and "config" in state:
+    if isinstance(state, dict) and "model" in state and {"architecture", "config"} & state.keys():
         raise UserError(f"{path} is already a checkpoint of rine_plus_ssca.py; use it with eval/predict directly "
                         "(import-rine reads RINE's own files).")
     not_rine = f"{path} is not one of RINE's trainable checkpoints (a dict of tensors alpha, proj1.*, proj2.*, head.*)"

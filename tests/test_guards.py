@@ -531,3 +531,14 @@ def test_a_second_ctrl_c_right_after_a_weight_update_saves_the_position_of_those
     adam_steps = {float(state["step"]) for state in last["resume"]["optimizer"]["state"].values()}
     assert adam_steps == {2.0}
     assert (last["resume"]["epoch"], last["resume"]["step"]) == (1, 2)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_do(trained, capsys):
+    cfg = small_config(trained["cfg"].CLIP_MODEL, **{**vars(trained["cfg"]), "RESUME": True})
+    before = load(trained["last"])
+    rps.train(cfg)
+    out = capsys.readouterr().out
+    assert f"nothing left to do: the run in {cfg.CHECKPOINT_DIR} finished its 1 epoch(s)" in out, out
+    after = load(trained["last"])
+    assert after["epoch"] == before["epoch"] and all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+

@@ -280,7 +280,16 @@ def test_import_rine_refuses_a_wrong_file_in_one_line(tmp_path, tiny_backbone, w
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     lines = nonempty_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "wrong.pth" in lines[0], result.stderr
+    if write_wrong_file is _our_own_checkpoint:
+        assert "already a checkpoint of rine_plus_ssca.py" in lines[0], lines[0]
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_loading_rines_own_file_as_a_checkpoint_says_to_import_it_first(tmp_path):
+    rine_file = tmp_path / "model_2class_trainable.pth"
+    torch.save(random_rine_state(WIDTH, N_BLOCKS, 16, 2), rine_file)
+    with pytest.raises(rps.UserError, match=r"RINE's own weights .* import-rine --ckpt \S*model_2class_trainable.pth"):
+        rps.load_detector(rine_file, device="cpu")
 
 
 @pytest.mark.parametrize("width, n_blocks", [(WIDTH, N_BLOCKS + 2), (WIDTH + 16, N_BLOCKS)])
