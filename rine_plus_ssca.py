@@ -1103,7 +1103,7 @@ def crop_origins(length, crop, step=GRID):
 
 def gaussian_blur_as_rine(image, sigma):
     """RINE's blur: SciPy's gaussian_filter on each uint8 channel, written back into uint8. (Pillow's
-    GaussianBlur, the grid recipe's, approximates a Gaussian with box blurs: about 1 grey level apart.)"""
+    GaussianBlur, the grid recipe's, approximates a Gaussian with box blurs, so its pixels differ slightly.)"""
     from scipy.ndimage import gaussian_filter
 
     pixels = np.array(image.convert("RGB"))
