@@ -99,8 +99,13 @@ _NAMES_BEFORE_CONFIG = set(globals())
 DATA_DIR = declare("data", RUN, "folder holding train/ and optionally val/ (labels come from folder names)")
 CHECKPOINT_DIR = declare("checkpoints", RUN, "where best_/last_rine_plus_ssca.pth are written")
 TRAIN_CLASSES = declare("", RUN, 'comma-separated generator/category folders to train on, e.g. "car,cat,chair,horse"; "" = all')
-VAL_FRACTION = declare(0.1, RUN, "share of train held out (seeded, stratified) when DATA_DIR/val is absent; 0.05-0.2",
-                       above=0, below=1)
+VAL_FRACTION = declare(0.1, RUN, "share of train held out (seeded, stratified) when there is no validation folder; "
+                       "0.05-0.2", above=0, below=1)
+VAL_DIR = declare("", RUN, 'folder of validation images (labels from folder names, as in train/); "" = DATA_DIR/val '
+                  "if it exists")
+VAL_CLASSES = declare("", RUN, 'comma-separated generator/category folders kept out of training and used alone as the '
+                      'validation set (from the validation folder if it has them, else from train/), e.g. "nearest": '
+                      "the best epoch, the temperature and the threshold then come from generators never trained on")
 
 # --- backbone ---
 CLIP_MODEL = declare("openai/clip-vit-large-patch14", ARCHITECTURE,
@@ -163,7 +168,10 @@ DEVICE = declare("auto", RUN, '"auto" (cuda if available), "cuda", "cuda:1" or "
 AMP = declare("auto", (RUN, SCORING), 'mixed precision: "auto" (GPU: bf16 if native, Ampere+, else fp16; CPU: bf16 '
               'backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"', choices=("auto", "bf16", "fp16", "off"))
 NUM_WORKERS = declare(8, RUN, "data-loading processes (capped at the number of CPU cores)", at_least=0)
-SEED = declare(0, (RUN, INPUTS), "seeds Python, NumPy and torch (and the hold-out split, and every augmented view)")
+SEED = declare(0, RUN, "seeds Python, NumPy and torch: the head's initial weights, the batch order, dropout")
+DATA_SEED = declare(-1, INPUTS, "seeds the validation hold-out and every augmented view; -1 = SEED (--seeds keeps it "
+                    "at the first seed, so that all seeds share the validation images and the feature cache)",
+                    at_least=-1)
 LOG_EVERY = declare(20, RUN, "steps between progress-bar loss updates (each update syncs with the GPU)", at_least=1)
 
 # --- speed ---
@@ -261,6 +269,11 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def data_seed(cfg):
+    """The seed of the hold-out split and of the augmented views: DATA_SEED, or SEED when it is -1."""
+    return cfg.SEED if cfg.DATA_SEED < 0 else cfg.DATA_SEED
 
 
 def resolve_device(name):
@@ -1429,8 +1442,9 @@ class SeededEpochSampler(torch.utils.data.Sampler):
     global order, so a global batch is the same set of images as in one process.
     """
 
-    def __init__(self, n_items, seed, batch_size, drop_last, n_views=None, rank=0, world_size=1):
+    def __init__(self, n_items, seed, batch_size, drop_last, n_views=None, rank=0, world_size=1, view_seed=None):
         self.n_items, self.seed, self.batch_size, self.drop_last = n_items, seed, batch_size, drop_last
+        self.view_seed = seed if view_seed is None else view_seed  # DATA_SEED: the views, apart from the order
         self.n_views, self.rank, self.world_size = n_views, rank, world_size
         self.epoch, self.start_batch = 1, 0
 
@@ -1451,7 +1465,7 @@ class SeededEpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         view = self.epoch - 1 if self.n_views is None else (self.epoch - 1) % self.n_views
-        return iter([(int(i), sample_seed(self.seed, int(i), view), view) for i in self._order()])
+        return iter([(int(i), sample_seed(self.view_seed, int(i), view), view) for i in self._order()])
 
 
 def _worker_ignores_stop_signals(worker_id, main_process=None):
@@ -1579,25 +1593,39 @@ class BadImageLog:
 def prepare_splits(cfg):
     """(train_items, val_items) from DATA_DIR, with counts printed and mistakes explained."""
     data_dir = Path(cfg.DATA_DIR)
-    train_dir, val_dir = data_dir / "train", data_dir / "val"
+    train_dir, val_dir = data_dir / "train", Path(cfg.VAL_DIR) if cfg.VAL_DIR else data_dir / "val"
+    if cfg.VAL_DIR and not val_dir.is_dir():
+        raise UserError(f"No folder {val_dir} for VAL_DIR; give a folder holding <...>/0_real|1_fake, or leave VAL_DIR "
+                        "empty to use DATA_DIR/val.")
     if not train_dir.is_dir():
         raise UserError(f"No training folder {train_dir}/. Put images under {train_dir}/<...>/0_real|1_fake "
                         "(or real|fake, nature|ai), or set --data-dir; try --demo for a generated example.")
     train_items, unlabeled = scan_image_folder(train_dir)
     if unlabeled:
         print(f"note: {len(unlabeled)} images under {train_dir} sit in no real/fake folder and are ignored, e.g. {unlabeled[0]}")
+    held_out = filter_classes(train_items, cfg.VAL_CLASSES) if cfg.VAL_CLASSES else []
     train_items = filter_classes(train_items, cfg.TRAIN_CLASSES, folder=train_dir)
+    if cfg.VAL_CLASSES:  # generators kept for validation never reach training
+        held_out_paths = {item[0] for item in held_out}
+        train_items = [item for item in train_items if item[0] not in held_out_paths]
     if not train_items:
         raise UserError(f"No labelled images under {train_dir}" + (f" for TRAIN_CLASSES={cfg.TRAIN_CLASSES!r}" if cfg.TRAIN_CLASSES else "")
+                        + (f" outside VAL_CLASSES={cfg.VAL_CLASSES!r}" if cfg.VAL_CLASSES else "")
                         + ". Labels come from folder names: 0_real/real/nature and 1_fake/fake/ai.")
-    if val_dir.is_dir():
-        val_items, _ = scan_image_folder(val_dir)
-        selected = filter_classes(val_items, cfg.TRAIN_CLASSES)
-        val_items = selected or val_items
+    val_items = scan_image_folder(val_dir)[0] if val_dir.is_dir() else []
+    if cfg.VAL_CLASSES:
+        from_val_dir = filter_classes(val_items, cfg.VAL_CLASSES)
+        val_items = from_val_dir or held_out
+        if not val_items:
+            raise UserError(f"VAL_CLASSES={cfg.VAL_CLASSES!r} names no folder holding labelled images under "
+                            f"{val_dir if val_dir.is_dir() else train_dir}; name generator or category folders found there.")
+        val_source = f"VAL_CLASSES={cfg.VAL_CLASSES!r}, kept out of training, from {val_dir if from_val_dir else train_dir}"
+    elif val_dir.is_dir():
+        val_items = filter_classes(val_items, cfg.TRAIN_CLASSES) or val_items
         val_source = str(val_dir)
     else:
-        train_items, val_items = stratified_holdout(train_items, cfg.VAL_FRACTION, cfg.SEED)
-        val_source = f"a {cfg.VAL_FRACTION:.0%} stratified hold-out of {train_dir} (seed {cfg.SEED})"
+        train_items, val_items = stratified_holdout(train_items, cfg.VAL_FRACTION, data_seed(cfg))
+        val_source = f"a {cfg.VAL_FRACTION:.0%} stratified hold-out of {train_dir} (seed {data_seed(cfg)})"
     for name, split in (("train", train_items), ("validation", val_items)):
         rows = count_table(split)
         print(f"\n{name} images ({val_source if name == 'validation' else train_dir}):")
@@ -1607,7 +1635,7 @@ def prepare_splits(cfg):
             missing = "real (0_real/real/nature)" if real == 0 else "fake (1_fake/fake/ai)"
             raise UserError(f"The {name} set has no {missing} images; a detector needs both classes. "
                             f"Add a folder of {missing.split(' ')[0]} images next to the other one.")
-    print_shortcut_warnings(train_items, cfg.CROP_SIZE, cfg.SEED)
+    print_shortcut_warnings(train_items, cfg.CROP_SIZE, data_seed(cfg))
     if cfg.BATCH_SIZE == 1 and cfg.XI > 0:
         print("warning: BATCH_SIZE=1: SupCon needs two images of a class in a batch, so its term is always 0. "
               "Use --batch-size 2 or more (RINE: 128), or --xi 0 to train without it.")
@@ -1755,6 +1783,7 @@ def feature_cache_folder(split_name, items, cfg, backbone, n_views):
     """The cache folder of one split, named by a digest of everything its entries depend on (reads every file's size and time)."""
     digest = hashlib.sha256(backbone_fingerprint(backbone).encode())
     constants = {name: getattr(cfg, name) for name in INPUT_CONSTANTS}
+    constants["DATA_SEED"] = data_seed(cfg)  # -1 means SEED: key on the seed actually used
     digest.update(json.dumps([CACHE_FORMAT, split_name, n_views, constants], sort_keys=True).encode())
     for path, label, _ in items:
         stat = os.stat(path)
@@ -3203,7 +3232,7 @@ def open_training_data(cfg, train_items, val_items, backbone, procs):
     sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE,
                                  drop_last=len(train_items) > cfg.BATCH_SIZE,
                                  n_views=cfg.CACHE_VIEWS if cfg.CACHE_FEATURES else None, rank=rank,
-                                 world_size=world_size)
+                                 world_size=world_size, view_seed=data_seed(cfg))
     train_loader = make_loader(train_items, cfg, train=True, device=procs.device, sampler=sampler, cache=train_cache,
                                batch_size=cfg.BATCH_SIZE // world_size)
     val_loader = make_loader(val_items[rank::world_size], cfg, train=False, device=procs.device, cache=val_cache)
@@ -3450,6 +3479,39 @@ def train(cfg):
     return best_path
 
 
+def train_seeds(cfg, seeds):
+    """Train the configuration once per seed, each in CHECKPOINT_DIR/seed_<n>; print the validation metrics of
+    each best checkpoint and their mean +- std. Returns the best checkpoints' paths.
+
+    Only SEED changes (the head's initial weights, the batch order, dropout): DATA_SEED stays at the first
+    seed, so every run validates on the same images and reads the same cached tokens (CACHE_DIR is shared).
+    """
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds takes distinct seeds, e.g. 0,1,2 (got {seeds}).")
+    base = Path(cfg.CHECKPOINT_DIR)
+    shared = dict(DATA_SEED=data_seed(SimpleNamespace(SEED=seeds[0], DATA_SEED=cfg.DATA_SEED)),
+                  CACHE_DIR=cfg.CACHE_DIR or str(base / "cache"))
+    best_paths = []
+    for seed in seeds:
+        print(f"\n=== seed {seed} ({len(best_paths) + 1} of {len(seeds)}), in {base / f'seed_{seed}'}")
+        run_cfg = SimpleNamespace(**{**vars(cfg), **shared, "SEED": seed, "CHECKPOINT_DIR": str(base / f"seed_{seed}")})
+        best_paths.append(train(run_cfg))
+    rows = []
+    for seed, path in zip(seeds, best_paths):
+        metrics = read_checkpoint(path)["metrics"]
+        rows.append([seed, metrics["epoch"]] + [float(metrics[m]) for m in SEED_SUMMARY_METRICS])
+    values = np.array([row[2:] for row in rows], dtype=np.float64)
+    spread = np.std(values, axis=0, ddof=1) if len(rows) > 1 else np.full(values.shape[1], np.nan)
+    print(f"\nvalidation metrics of the best epoch of each seed ({len(seeds)} runs):")
+    print(format_table(["seed", "epoch"] + list(SEED_SUMMARY_METRICS),
+                       rows + [["mean", ""] + values.mean(axis=0).tolist(), ["std", ""] + spread.tolist()]))
+    print("Each run chose its epoch on these validation images; test them together with "
+          f"`python rine_plus_ssca.py eval --ckpt {base}/seed_*/{BEST_NAME} --data <test folder>`.")
+    return best_paths
+
+
+SEED_SUMMARY_METRICS = ("val_bce", "acc", "ap", "auc")
+
 HISTORY_COLUMNS = ["epoch", "train_bce", "train_supcon", "val_bce", "acc", "ap", "auc", "real_acc", "fake_acc"]
 
 
@@ -3489,6 +3551,9 @@ def build_train_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="offline demo: generated data, tiny random backbone")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--seeds", type=number_list(int), metavar="0,1,2",
+                        help="train the same configuration once per seed, in CHECKPOINT_DIR/seed_<n>, then print the "
+                        "validation metrics as mean +- std (the feature cache and validation images are shared)")
     for name, constant in CONSTANTS.items():
         default = constant.default
         text = f"{constant.help} (default: {default!r})".replace("%", "%%")
@@ -3501,9 +3566,13 @@ def build_train_parser():
     return parser
 
 
-def add_model_options(parser):
-    """Options shared by the commands that load a checkpoint."""
-    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth) written by training")
+def add_model_options(parser, several=False):
+    """Options shared by the commands that load a checkpoint (several: --ckpt takes one or more)."""
+    if several:
+        parser.add_argument("--ckpt", required=True, nargs="+", help="checkpoint file (.pth) written by training; "
+                            "several (e.g. one per seed) print mean +- std per row over them")
+    else:
+        parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth) written by training")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--threshold", type=float, default=None, help="P(fake) at or above which an image is fake (default: the checkpoint's THRESHOLD; predict uses the threshold chosen on validation reals when TARGET_FPR was set in training)")
@@ -3526,7 +3595,7 @@ def number_list(kind):
 
 def check_numbers(args):
     """Refuse impossible numbers given to a command (e.g. --batch-size 0) with a one-line UserError."""
-    at_least = {"batch_size": 1, "num_workers": 0, "max_per_class": 1, "workers": 1, "min_side": 1}
+    at_least = {"batch_size": 1, "num_workers": 0, "max_per_class": 1, "bootstrap": 0, "workers": 1, "min_side": 1}
     for name, low in at_least.items():
         value = getattr(args, name, None)
         if value is not None and value < low:
@@ -3550,7 +3619,7 @@ def build_eval_parser():
     """Options of the eval command."""
     parser = OneLineErrorParser(prog="rine_plus_ssca.py eval", allow_abbrev=False,
                                 description="Evaluate a checkpoint: one row per generator, named as the papers name it, plus a mean row over the rows holding both classes.")
-    add_model_options(parser)
+    add_model_options(parser, several=True)
     parser.add_argument("--data", required=True, help="folder holding <generator>/[<category>/]0_real|1_fake (or real|fake, nature|ai)")
     parser.add_argument("--protocol", default=None, help="a protocol file naming each row's fake and real folders, in order: protocols/rine20.json (RINE's 20 test sets), protocols/synthbuster.json, protocols/genimage.json (GenImage's 8 val sets)")
     parser.add_argument("--real-dir", default=None, help="shared real images for every row that has none (then images in no label folder count as fakes); with a protocol: replaces its real_dir")
@@ -3560,7 +3629,9 @@ def build_eval_parser():
     parser.add_argument("--resize", type=number_list(float), default=[], help="rescale every test image by this factor before the crop (bicubic, antialiased), or a sweep: 0.5,0.75,1.5")
     parser.add_argument("--target-fpr", type=float, default=None, help="also report the threshold giving this false-positive rate on the real images of --data, e.g. 0.05: measured on these test images (an oracle), not a way to choose a threshold (train with TARGET_FPR for that)")
     parser.add_argument("--out", default=None, help="folder for the CSV/Markdown tables and plots (default: next to the checkpoint)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-class sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-class sample and of the bootstrap")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the 95%% intervals of ACC, AP and AUC (0 = none)")
+    parser.add_argument("--scores", default=None, metavar="FILE.csv", help="where the per-image scores go (default: <out>/<table name>_scores.csv); compare reads them")
     return parser
 
 
@@ -3576,27 +3647,85 @@ def build_predict_parser():
 
 
 def run_eval(args):
-    """The eval command: per-generator tables (clean, then each perturbation level), CSV/Markdown, plots."""
+    """The eval command: for each checkpoint, per-generator tables (clean, then each perturbation level) with
+    bootstrap intervals, per-image scores, CSV/Markdown, plots; with several checkpoints (seeds of one
+    configuration), then mean +- std per row over them."""
     check_numbers(args)
     if any(factor <= 0 for factor in args.resize):
         raise UserError(f"--resize takes factors above 0 (0.5 halves each side), got {args.resize}.")
-    protocols = tools_module("protocols", "eval --protocol") if args.protocol else None
-    try:  # the pictures are optional: without the package the tables are still written
-        plots, no_plots = tools_module("plots", "drawing eval's ROC/PR, reliability and robustness pictures"), None
-    except UserError as missing:
-        plots, no_plots = None, f"note: {missing} The tables are written without them."
-    model = load_detector(args.ckpt, clip_model=args.clip_model, device=args.device, calibrated=not args.uncalibrated)
+    if len(args.ckpt) > 1 and args.scores:
+        raise UserError("--scores names one file, but several checkpoints are given; leave it out (each checkpoint's "
+                        "scores are written beside its tables).")
     items = collect_test_items(args.data, args.real_dir, args.max_per_class, args.seed, args.protocol)
+    tables = []
+    for index, ckpt in enumerate(args.ckpt):
+        if len(args.ckpt) > 1:
+            print(f"\n=== checkpoint {index + 1} of {len(args.ckpt)}: {ckpt}")
+        out_dir = Path(args.out) if args.out else Path(ckpt).parent
+        if args.out and len(args.ckpt) > 1:  # one folder per checkpoint, so that their files do not collide
+            out_dir = out_dir / f"{index + 1}_{Path(ckpt).resolve().parent.name}"
+        tables.append(evaluate_checkpoint(args, ckpt, items, out_dir))
+    if len(args.ckpt) > 1:
+        statistics = tools_module("statistics", "eval over several checkpoints")
+        out_dir = Path(args.out) if args.out else common_folder(args.ckpt)
+        statistics.write_seed_summary(args, tables, out_dir, eval_stem(args))
+    return tables[0]["csv_rows"] if len(tables) == 1 else tables
+
+
+def common_folder(paths):
+    """The deepest folder holding all these files."""
+    return Path(os.path.commonpath([str(Path(path).resolve().parent) for path in paths]))
+
+
+def eval_stem(args, ckpt=None):
+    """Output files are named by what was evaluated, so that another evaluation never overwrites them:
+    the data folder, the protocol, the options that change the scores, and the checkpoint when it is not
+    a training run's best one. eval_test, eval_test_rine20_tencrop_jpeg95-75, eval_test_rine_imported, ..."""
+    parts = ["eval", Path(args.data).resolve().name or "data"]
+    if args.protocol:
+        parts.append(Path(args.protocol).stem)
+    if args.real_dir:
+        parts.append("reals-" + Path(args.real_dir).resolve().name)
+    if args.tencrop:
+        parts.append("tencrop")
+    for name, values in (("jpeg", args.jpeg_quality), ("blur", args.blur_sigma), ("resize", args.resize)):
+        if values:
+            parts.append(name + "-".join(f"{v:g}" for v in values))
+    if args.max_per_class:
+        parts.append(f"max{args.max_per_class}-seed{args.seed}")
+    if args.uncalibrated:
+        parts.append("uncalibrated")
+    if args.threshold is not None:
+        parts.append(f"threshold{args.threshold:g}")
+    if ckpt is not None and Path(ckpt).name != BEST_NAME:
+        parts.append(Path(ckpt).stem)
+    return "_".join(parts)
+
+
+SCORE_COLUMNS = ["condition", "row", "path", "label", "logit", "p_fake_raw", "p_fake", "threshold", "fake_when",
+                 "protocol", "checkpoint"]
+
+
+def evaluate_checkpoint(args, ckpt, items, out_dir):
+    """eval for one checkpoint: {"checkpoint", "csv_rows": the tables' rows, "scored": {condition: ([(row name,
+    labels, P(fake))], table rows)}}."""
+    protocols = tools_module("protocols", "eval --protocol") if args.protocol else None
+    try:  # the pictures and intervals are optional: without the package the tables are still written
+        plots, statistics, no_tools = tools_module("plots", "eval's pictures"), tools_module("statistics", "eval's intervals"), None
+    except UserError as missing:
+        plots, statistics, no_tools = None, None, f"note: {missing} The tables are written without pictures and intervals."
+    model = load_detector(ckpt, clip_model=args.clip_model, device=args.device, calibrated=not args.uncalibrated)
     threshold = model.config["THRESHOLD"] if args.threshold is None else args.threshold  # the papers' protocol
-    out_dir = Path(args.out) if args.out else Path(args.ckpt).parent
+    strict = scores_as_rine(model.config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "eval_" + (Path(args.data).resolve().name or "data")
+    stem = eval_stem(args, ckpt)
+    scores_path = Path(args.scores) if args.scores else out_dir / f"{stem}_scores.csv"
     perturbations = {"jpeg": ("jpeg_quality", "quality"), "blur": ("blur_sigma", "sigma"), "resize": ("resize", "factor")}
     conditions = [("clean", None)] + [(kind, level) for kind in perturbations for level in getattr(args, perturbations[kind][0])]
     columns = ["generator"] + METRIC_COLUMNS
     probabilities_are = describe_probabilities(model)
     print(probabilities_are)
-    markdown = [f"# {args.data} with {args.ckpt} (threshold {threshold})\n", f"{probabilities_are}.\n"]
+    markdown = [f"# {args.data} with {ckpt} (threshold {threshold})\n", f"{probabilities_are}.\n"]
     if args.protocol:
         protocol = protocols.read_protocol(args.protocol)
         line = f"protocol {args.protocol}" + (f": {protocol['description']}" if protocol.get("description") else "")
@@ -3606,11 +3735,12 @@ def run_eval(args):
         for note in notes:
             print(f"note: {note}")
             markdown.append(f"\nNote: {note}\n")
-    csv_rows, mean_rows, written = [], {}, [f"{stem}.csv", f"{stem}.md"]
+    csv_rows, interval_rows, score_rows, mean_rows, written = [], [], [], {}, [f"{stem}.csv", f"{stem}.md"]
+    scored = {}
     for kind, level in conditions:
         options = {perturbations[kind][0]: level} if kind != "clean" else {}
-        rows, _, labels, probs, logits = evaluate_items(model, items, args.batch_size, args.num_workers, threshold,
-                                                        tencrop=args.tencrop, **options)
+        rows, kept, labels, probs, logits = evaluate_items(model, items, args.batch_size, args.num_workers, threshold,
+                                                           tencrop=args.tencrop, **options)
         condition = "clean" if kind == "clean" else f"{kind} {perturbations[kind][1]} {level}"
         print(f"\n{args.data} [{condition}], threshold {threshold}:")
         print(format_table(columns, rows))
@@ -3618,6 +3748,23 @@ def run_eval(args):
         markdown += [f"\n## {condition}\n", format_markdown_table(columns, rows)]
         csv_rows += [[condition] + row for row in rows]
         mean_rows[(kind, level)] = mean_row_of(rows)
+        raw = probabilities_from_logits(logits, float32=strict)  # P(fake) at T = 1, whatever the model's temperature
+        mean_logits = logits.mean(axis=1) if logits.ndim == 2 else logits
+        score_rows += [[condition, row, path, label, float(z), float(p_raw), float(p), threshold, ">" if strict else ">=",
+                        args.protocol or "", str(ckpt)]
+                       for (path, label, row), z, p_raw, p in zip(kept, mean_logits, raw, probs)]
+        by_row = [(name, labels[[i for i, item in enumerate(kept) if item[2] == name]],
+                   probs[[i for i, item in enumerate(kept) if item[2] == name]])
+                  for name in dict.fromkeys(item[2] for item in kept)]
+        scored[condition] = (by_row, rows)
+        if statistics and args.bootstrap:
+            intervals = statistics.table_intervals(by_row, threshold, strict, args.bootstrap, args.seed)
+            interval_columns, table = statistics.interval_table(intervals, rows)
+            print(f"\n{CONFIDENCE_WORDS}, from {args.bootstrap} bootstrap resamples of the images (seed {args.seed}):")
+            print(format_table(interval_columns, table))
+            markdown += [f"\n{CONFIDENCE_WORDS} ({args.bootstrap} bootstrap resamples of the images, seed {args.seed}):\n",
+                         format_markdown_table(interval_columns, table)]
+            interval_rows += [[condition] + row for row in table]
         if kind != "clean":
             continue
         note = one_class_note(rows)
@@ -3627,8 +3774,6 @@ def run_eval(args):
         if plots and set(labels.tolist()) == {0, 1}:
             plots.plot_roc_pr(labels, probs, out_dir / f"{stem}_roc_pr.png")
             written.append(f"{stem}_roc_pr.png")
-        # P(fake) at T = 1, whatever the model's temperature
-        raw = probabilities_from_logits(logits, float32=scores_as_rine(model.config))
         calibrated = {f"calibrated P(fake), T = {model.temperature:.3g}": probs} if model.temperature != 1.0 else {}
         if plots:
             plots.plot_reliability(labels, {**calibrated, "raw P(fake), T = 1": raw},
@@ -3647,6 +3792,15 @@ def run_eval(args):
             markdown.append(f"\n{line}\n")
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         csv.writer(f).writerows([["condition"] + columns] + [[_cell(v) for v in row] for row in csv_rows])
+    if interval_rows:
+        with open(out_dir / f"{stem}_intervals.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["condition"] + interval_columns] + [[_cell(v) for v in row] for row in interval_rows])
+        written.append(f"{stem}_intervals.csv")
+    scores_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(scores_path, "w", newline="") as f:
+        csv.writer(f).writerows([SCORE_COLUMNS] + [[repr(v) if isinstance(v, float) else v for v in row]
+                                                   for row in score_rows])
+    written.append(str(scores_path) if args.scores else scores_path.name)
     (out_dir / f"{stem}.md").write_text("\n".join(markdown) + "\n")
     for kind in perturbations:
         levels = [level for k, level in conditions if k == kind]
@@ -3656,12 +3810,16 @@ def run_eval(args):
             written.append(f"{stem}_robustness_{kind}.png")
     print()
     print_block_importance(model)
-    plot_block_importance(model, out_dir / "tie_block_importance.png")
-    written.append("tie_block_importance.png")
-    if no_plots:
-        print(no_plots)
+    tie_plot = f"tie_block_importance_{Path(ckpt).stem}.png"  # not training's own tie_block_importance.png
+    plot_block_importance(model, out_dir / tie_plot)
+    written.append(tie_plot)
+    if no_tools:
+        print(no_tools)
     print(f"wrote in {out_dir}: " + ", ".join(written))
-    return csv_rows
+    return {"checkpoint": str(ckpt), "csv_rows": csv_rows, "scored": scored}
+
+
+CONFIDENCE_WORDS = "95% intervals (images resampled within each class of each row; they do not cover training seeds)"
 
 
 def refuse_rows_missing_images(rows, max_fraction, condition, data_dir):
@@ -3800,7 +3958,7 @@ COMMANDS = {
 }
 # Commands kept in the package beside this file: command -> its module there, whose COMMANDS gives
 # (parser builder, runner) as above. Imported only when such a command runs.
-TOOL_COMMANDS = {"check-data": "data_check", "export": "rine_format", "import-rine": "rine_format"}
+TOOL_COMMANDS = {"check-data": "data_check", "export": "rine_format", "import-rine": "rine_format", "compare": "compare"}
 
 
 def main(argv=None):
@@ -3823,14 +3981,20 @@ def main(argv=None):
             result = runner(parser_builder().parse_args(argv[1:]))
             return result if isinstance(result, int) else 0
         given = vars(build_train_parser().parse_args(argv))
-        demo = given.pop("demo", False)
+        demo, seeds = given.pop("demo", False), given.pop("seeds", None)
         given.pop("debug", None)
         cfg = default_config()
         if demo:
             cfg.__dict__.update(DEMO_OVERRIDES)
         cfg.__dict__.update(given)
         validate_config(cfg)
-        run_demo(cfg) if demo else train(cfg)
+        if demo and seeds is not None:
+            raise UserError("--seeds trains your data; run --demo once first, then train on data/demo with --seeds "
+                            "(docs/GUIDE.md, Comparing models).")
+        if seeds is not None:
+            train_seeds(cfg, seeds)
+        else:
+            run_demo(cfg) if demo else train(cfg)
         return 0
     except RunInterrupted as stopped:  # saved where to resume: a message, not an error
         print(stopped, file=sys.stderr)

@@ -71,3 +71,27 @@ def plot_robustness(kind, levels, mean_rows, clean_row, path):
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_differences(results, names, path):
+    """compare's picture: per row and for the mean, the difference A - B of each metric with its interval."""
+    from rine_plus_ssca_tools.statistics import METRICS
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 0.5 * len(results) + 1.8), sharey=True)
+    labels = [result["row"] for result in results]
+    for axis, metric in zip(axes, METRICS):
+        for y, result in enumerate(results):
+            m = result[metric]
+            if m["difference"] != m["difference"]:  # NaN: a one-class row has no AP or AUC
+                continue
+            low, high = m["interval"]
+            axis.errorbar(m["difference"], y, xerr=[[m["difference"] - low], [high - m["difference"]]], fmt="o",
+                          color="C3" if result["row"].startswith("mean (") else "C0", capsize=3)
+        axis.axvline(0, color="grey", linestyle="--")
+        axis.set(title=f"{metric}: {names[0]} - {names[1]}", xlabel="difference (95% interval)")
+    axes[0].set_yticks(range(len(labels)), labels)
+    axes[0].invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
