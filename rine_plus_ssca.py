@@ -3491,11 +3491,13 @@ def train_seeds(cfg, seeds):
     base = Path(cfg.CHECKPOINT_DIR)
     shared = dict(DATA_SEED=data_seed(SimpleNamespace(SEED=seeds[0], DATA_SEED=cfg.DATA_SEED)),
                   CACHE_DIR=cfg.CACHE_DIR or str(base / "cache"))
-    best_paths = []
+    best_paths, seconds = [], []
     for seed in seeds:
         print(f"\n=== seed {seed} ({len(best_paths) + 1} of {len(seeds)}), in {base / f'seed_{seed}'}")
         run_cfg = SimpleNamespace(**{**vars(cfg), **shared, "SEED": seed, "CHECKPOINT_DIR": str(base / f"seed_{seed}")})
+        started = time.time()
         best_paths.append(train(run_cfg))
+        seconds.append(time.time() - started)
     rows = []
     for seed, path in zip(seeds, best_paths):
         metrics = read_checkpoint(path)["metrics"]
@@ -3505,6 +3507,8 @@ def train_seeds(cfg, seeds):
     print(f"\nvalidation metrics of the best epoch of each seed ({len(seeds)} runs):")
     print(format_table(["seed", "epoch"] + list(SEED_SUMMARY_METRICS),
                        rows + [["mean", ""] + values.mean(axis=0).tolist(), ["std", ""] + spread.tolist()]))
+    print("time per seed: " + ", ".join(f"{t:.0f} s" for t in seconds)
+          + (" (the first fills the feature cache)" if cfg.CACHE_FEATURES else ""))
     print("Each run chose its epoch on these validation images; test them together with "
           f"`python rine_plus_ssca.py eval --ckpt {base}/seed_*/{BEST_NAME} --data <test folder>`.")
     return best_paths
@@ -3656,6 +3660,9 @@ def run_eval(args):
     if len(args.ckpt) > 1 and args.scores:
         raise UserError("--scores names one file, but several checkpoints are given; leave it out (each checkpoint's "
                         "scores are written beside its tables).")
+    for ckpt in args.ckpt:  # a wrong path is told before the test folder is read
+        if not Path(ckpt).is_file():
+            read_checkpoint(ckpt)  # its one-line error names the file (missing, or a folder)
     items = collect_test_items(args.data, args.real_dir, args.max_per_class, args.seed, args.protocol)
     tables = []
     for index, ckpt in enumerate(args.ckpt):
@@ -3711,7 +3718,8 @@ def evaluate_checkpoint(args, ckpt, items, out_dir):
     labels, P(fake))], table rows)}}."""
     protocols = tools_module("protocols", "eval --protocol") if args.protocol else None
     try:  # the pictures and intervals are optional: without the package the tables are still written
-        plots, statistics, no_tools = tools_module("plots", "eval's pictures"), tools_module("statistics", "eval's intervals"), None
+        plots, statistics, no_tools = (tools_module("plots", "drawing eval's pictures and intervals"),
+                                       tools_module("statistics", "drawing eval's pictures and intervals"), None)
     except UserError as missing:
         plots, statistics, no_tools = None, None, f"note: {missing} The tables are written without pictures and intervals."
     model = load_detector(ckpt, clip_model=args.clip_model, device=args.device, calibrated=not args.uncalibrated)

@@ -86,8 +86,10 @@ def plot_differences(results, names, path):
             if m["difference"] != m["difference"]:  # NaN: a one-class row has no AP or AUC
                 continue
             low, high = m["interval"]
-            axis.errorbar(m["difference"], y, xerr=[[m["difference"] - low], [high - m["difference"]]], fmt="o",
-                          color="C3" if result["row"].startswith("mean (") else "C0", capsize=3)
+            # a percentile interval need not contain the point estimate: draw the bar from low to high
+            axis.errorbar(m["difference"], y, xerr=[[max(0.0, m["difference"] - low)], [max(0.0, high - m["difference"])]],
+                          fmt="o", color="C3" if result["row"].startswith("mean (") else "C0", capsize=3)
+            axis.hlines(y, low, high, color="C3" if result["row"].startswith("mean (") else "C0")
         axis.axvline(0, color="grey", linestyle="--")
         axis.set(title=f"{metric}: {names[0]} - {names[1]}", xlabel="difference (95% interval)")
     axes[0].set_yticks(range(len(labels)), labels)

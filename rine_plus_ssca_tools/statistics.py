@@ -173,7 +173,7 @@ def interval_table(intervals, table_rows):
     """eval's interval table: (columns, rows) with each metric's low and high end, in the order of the
     metrics table's rows (a one-class row is matched under its plain name)."""
     by_name = dict(intervals)
-    columns = ["generator"] + [f"{metric}_{end}" for metric in METRICS for end in ("low", "high")]
+    columns = ["row"] + [f"{metric}_{end}" for metric in METRICS for end in ("low", "high")]
     rows = []
     for row in table_rows:
         name = row[0].replace(" (fakes only)", "").replace(" (reals only)", "")

@@ -233,7 +233,8 @@ def test_eval_csv_matches_sklearn_and_counts_by_hand(model, benchmark, evaluated
 def test_eval_writes_markdown_and_roc_pr_plot(evaluated):
     out = evaluated["out"]
     markdown = (out / "eval_cnnd_test.md").read_text()
-    table_lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    # the metrics table, before the table of its intervals
+    table_lines = [line for line in markdown.split("95% intervals")[0].splitlines() if line.startswith("| ")]
     assert table_lines[0] == "| " + " | ".join(["generator"] + rps.METRIC_COLUMNS) + " |"
     assert sorted(line.split("|")[1].strip() for line in table_lines[1:]) == sorted(GENERATORS + [MEAN])
     for row in evaluated["csv"]:  # the same numbers as the CSV
@@ -274,7 +275,7 @@ def test_real_dir_pairs_fake_only_generators_with_the_shared_reals(trained, mode
     # Relative paths, as a user types them (the shared folder sits inside the tree and is no generator).
     result = eval_command(trained["ckpt"], "diffusion", "out", "--real-dir", "diffusion/laion", "--num-workers", "0",
                           cwd=tmp_path)
-    rows = {row["generator"]: row for row in read_csv(tmp_path / "out" / "eval_diffusion.csv")}
+    rows = {row["generator"]: row for row in read_csv(tmp_path / "out" / "eval_diffusion_reals-laion.csv")}
     assert sorted(rows) == ["guided", "ldm_200", "mean (3 generators)", "progan"], result.stdout[-2000:]  # laion is no generator
     reals = [path for path, _, g in items if g == "laion"]
     score_of = dict(zip([p for p, _, _ in items], rps.predict(model, [p for p, _, _ in items]).tolist()))
@@ -304,7 +305,7 @@ def test_max_per_class_is_a_seeded_sample_of_at_most_n(trained, model, benchmark
     limit, seed = 2, 3
     eval_command(trained["ckpt"], benchmark["tree"], tmp_path / "out", "--max-per-class", limit, "--seed", seed,
                  "--num-workers", "0", cwd=tmp_path)
-    rows = read_csv(tmp_path / "out" / "eval_cnnd_test.csv")
+    rows = read_csv(tmp_path / "out" / f"eval_cnnd_test_max{limit}-seed{seed}.csv")
     full = hand_table(benchmark["items"], benchmark["score_of"])
     for row in rows:
         if not row["generator"].startswith("mean ("):
@@ -329,6 +330,7 @@ def test_max_per_class_is_a_seeded_sample_of_at_most_n(trained, model, benchmark
 
 ROBUSTNESS = ["--jpeg-quality", "95,50", "--blur-sigma", "1", "--num-workers", "0", "--batch-size", "16"]
 CONDITIONS = ["clean", "jpeg quality 95", "jpeg quality 50", "blur sigma 1.0"]
+ROBUSTNESS_TABLE = "eval_cnnd_test_jpeg95-50_blur1.csv"  # named by the sweep, so another sweep does not overwrite it
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +346,7 @@ def robustness(trained, benchmark, tmp_path_factory):
 
 def test_robustness_sweep_has_one_block_per_level_and_plots(robustness, model, benchmark):
     out = robustness[0]["out"]
-    rows = read_csv(out / "eval_cnnd_test.csv")
+    rows = read_csv(out / ROBUSTNESS_TABLE)
     conditions = []
     for row in rows:
         if not conditions or conditions[-1] != row["condition"]:
@@ -353,7 +355,7 @@ def test_robustness_sweep_has_one_block_per_level_and_plots(robustness, model, b
     for condition in CONDITIONS:
         assert [r["generator"] for r in rows if r["condition"] == condition] == GENERATORS + [MEAN], condition
     for kind in ("jpeg", "blur"):
-        assert_is_png(out / f"eval_cnnd_test_robustness_{kind}.png")
+        assert_is_png(out / f"eval_cnnd_test_jpeg95-50_blur1_robustness_{kind}.png")
     # Each block is what evaluate_folder gives under that perturbation.
     for condition, options in (("jpeg quality 50", dict(jpeg_quality=50)), ("blur sigma 1.0", dict(blur_sigma=1.0)),
                                ("clean", {})):
@@ -362,7 +364,7 @@ def test_robustness_sweep_has_one_block_per_level_and_plots(robustness, model, b
 
 
 def test_robustness_sweep_is_deterministic(robustness):
-    first, second = (run["out"] / "eval_cnnd_test.csv" for run in robustness)
+    first, second = (run["out"] / ROBUSTNESS_TABLE for run in robustness)
     assert first.read_bytes() == second.read_bytes()
 
 
@@ -602,7 +604,7 @@ def test_training_writes_pictures_and_prints_block_importance(trained, model):
 
 def test_eval_prints_block_importance_and_plots_it(evaluated, trained):
     assert tie_ranking(evaluated["result"].stdout) == tie_ranking(trained["stdout"])
-    assert_is_png(evaluated["out"] / "tie_block_importance.png")
+    assert_is_png(evaluated["out"] / f"tie_block_importance_{trained['ckpt'].stem}.png")  # not training's picture
 
 
 def test_eval_refuses_a_table_whose_row_lost_too_many_images(tmp_path, make_cfg):
@@ -620,7 +622,7 @@ def test_eval_refuses_a_table_whose_row_lost_too_many_images(tmp_path, make_cfg)
                              "--device", "cpu", "--num-workers", "0"], cwd=tmp_path)
         assert "Traceback" not in result.stdout + result.stderr
         # The table shows the skipped images per row, whether or not it is refused.
-        skipped = {line.split()[0]: line.split()[-1] for line in result.stdout.splitlines()
+        skipped = {line.split()[0]: line.split()[-1] for line in result.stdout.split("95% intervals")[0].splitlines()
                    if line.split() and line.split()[0] in ("good", "whole")}
         assert skipped == {"good": "1", "whole": "0"}, result.stdout
         if max_fraction == 0.05:

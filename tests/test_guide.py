@@ -29,7 +29,7 @@ NOT_CONSTANTS = {
     "ARCHITECTURE", "INPUTS", "RUN", "SCORING",  # what a constant affects, in its declare(...)
 }
 
-COMMAND_NAMES = ("eval", "predict", "check-data", "export", "import-rine")
+COMMAND_NAMES = ("eval", "predict", "check-data", "export", "import-rine", "compare")
 SCRIPT = "rine_plus_ssca.py"
 
 

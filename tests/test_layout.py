@@ -114,10 +114,12 @@ def test_eval_without_the_package_writes_its_tables_and_says_in_one_line_that_th
                                cwd=alone(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     notes = [line for line in result.stdout.splitlines() if MISSING in line]
-    pictures = "note: drawing eval's ROC/PR, reliability and robustness pictures"
+    pictures = "note: drawing eval's pictures and intervals"
     assert len(notes) == 1 and notes[0].startswith(pictures), result.stdout[-3000:]
     written = sorted(path.name for path in (tmp_path / "out").iterdir())
-    assert written == ["eval_test.csv", "eval_test.md", "tie_block_importance.png"], written  # the script draws TIE's
+    # the script writes the per-image scores and draws TIE's picture
+    assert written == ["eval_test_max2-seed0.csv", "eval_test_max2-seed0.md", "eval_test_max2-seed0_scores.csv",
+                       f"tie_block_importance_{rps.BEST_NAME[:-4]}.png"], written
 
 
 def test_the_project_installs_and_both_import_from_any_folder(tmp_path):

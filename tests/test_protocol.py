@@ -214,9 +214,9 @@ def test_rine20_protocol_prints_rines_table(trained, model, tmp_path):
                          "--device", "cpu", "--num-workers", "0", "--batch-size", "16"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "warning: no folder" not in result.stderr  # every folder is there
-    rows = read_csv(tmp_path / "out" / "eval_test.csv")
+    rows = read_csv(tmp_path / "out" / "eval_test_rine20.csv")
     assert [row["generator"] for row in rows] == RINE_GENERATORS + ["mean (20 generators)"]
-    printed = [line.split()[0] for line in result.stdout.splitlines() if line.split()[:1] and
+    printed = [line.split()[0] for line in result.stdout.split("95% intervals")[0].splitlines() if line.split()[:1] and
                line.split()[0] in RINE_GENERATORS]
     assert printed == RINE_GENERATORS  # the printed table has the same order
     score_of = scores_of(model, written)
@@ -328,7 +328,7 @@ def test_resize_sweep_matches_pil_resizing(trained, model, tmp_path):
     result = run_script(["eval", "--ckpt", trained, "--data", "test", "--resize", "0.5,1.5", "--out", "out",
                          "--device", "cpu", "--num-workers", "0"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = read_csv(tmp_path / "out" / "eval_test.csv")
+    rows = read_csv(tmp_path / "out" / "eval_test_resize0.5-1.5.csv")
     assert list(dict.fromkeys(row["condition"] for row in rows)) == ["clean", "resize factor 0.5", "resize factor 1.5"]
     paths = [p for folder in spec for p in written[folder]]
     for factor in (0.5, 1.5):
@@ -346,7 +346,7 @@ def test_resize_sweep_matches_pil_resizing(trained, model, tmp_path):
         for generator in ("crn", "stylegan"):
             want = expected_row(written[f"{generator}/0_real"], written[f"{generator}/1_fake"], score_of)
             assert_row_matches(block[generator], want, ROUNDED, (factor, generator))
-    plot = tmp_path / "out" / "eval_test_robustness_resize.png"
+    plot = tmp_path / "out" / "eval_test_resize0.5-1.5_robustness_resize.png"
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     image = Image.open(written["crn/1_fake"][0]).convert("RGB")
@@ -405,7 +405,7 @@ def test_genimage_protocol_scores_each_generators_val_split_only(trained, tmp_pa
     result = run_script(["eval", "--ckpt", trained, "--data", "GenImage", "--protocol", GENIMAGE, "--out", "out",
                          "--device", "cpu", "--num-workers", "0"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = read_csv(tmp_path / "out" / "eval_GenImage.csv")
+    rows = read_csv(tmp_path / "out" / "eval_GenImage_genimage.csv")
     assert [(row["generator"], row["n_real"], row["n_fake"]) for row in rows] == [
         ("SD V1.4", "1", "1"), ("BigGAN", "1", "1"), ("mean (2 generators)", "2", "2")]
     assert "6 of the 8 rows" in result.stderr
