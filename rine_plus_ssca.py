@@ -826,8 +826,10 @@ class RINEPlusSSCA(nn.Module):
         """(the image's logit [1], the logit of each position of its spectral map [h,w]) for pixels [1,3,H,W].
 
         The image's CLIP branch is kept; the spectral map is replaced by one position's token, so the
-        head answers "is the image fake, given that its spectrum looks like this everywhere?". Each
-        token sees about 72x72 pixels (8x8 DCT blocks, then 7x7 and 3x3 convolutions).
+        head answers "is the image fake, given that its spectrum looks like this everywhere?". A token is
+        not local to its 8x8 block: SSCA's spatial gate and global frequency filter reach the whole crop
+        (measured by gradients on the demo: 90% of a centre token's within 81x81 pixels, 99% within
+        212x212; docs/GUIDE.md 4.8).
         """
         z_clip, block_tokens, spectral_map = self.branches(pixels)
         logit = self.classifier(self.fused_representation(z_clip, block_tokens, spectral_map)).float().view(1)
