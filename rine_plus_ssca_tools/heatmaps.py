@@ -5,7 +5,9 @@
     model = load_detector("checkpoints/best_rine_plus_ssca.pth")
     draw_explanation(explain(model, ["photo.jpg"])[0])
 
-The map of the default model comes from the model itself (RINEPlusSSCA.local_logits in the script).
+The map of the default model comes from the model itself (RINEPlusSSCA.local_logits in the script);
+explain(..., windows=True) gives the slower map whose cells are local by construction. The splices, scores
+and deletion test below are what benchmarks/localisation.py and tests/test_explain.py measure them with.
 """
 
 from pathlib import Path

@@ -1,9 +1,12 @@
-"""Heatmaps (`explain`, `predict --explain`): they find generated regions, and they are what they claim to be.
+"""Heatmaps (`explain`, `predict --explain`): what they find, how local they are, and whether they are faithful.
 
-The localisation test is the issue's: demo photos with a square from a demo fake (1/9 of the crop) pasted at a
-random place; with the demo's checkpoint the map's maximum must fall inside the square for at least 40 of 50
-images (a random point: 11%). A head of the same shape that learned nothing must not find it: the map has to
-come from what the model learned, not from the image alone.
+Demo photos with a square from a demo fake (1/9 of the crop) pasted at a random place: with the demo's
+checkpoint the map's maximum must fall inside the square for at least 40 of 50 images (a random point: 11%;
+an edge filter finds these smooth squares too, see benchmarks/localisation.py), and a head of the same shape
+that learned nothing must not find it. The matched splices (squares re-noised to the photo's high-frequency
+energy) are checked for that energy; the pixel scores by hand; a spectral token's reach across the crop and
+the windows map's locality; and a deletion test: giving the photo's pixels back to the map's highest cells
+must lower the demo model's logit more than random cells do.
 """
 
 import matplotlib
@@ -134,7 +137,7 @@ def test_explanations_read_on_the_scale_of_p_fake(make_cfg):
 def test_the_map_reads_on_the_p_fake_scale_at_a_temperature_other_than_one(make_cfg):
     torch.manual_seed(0)
     model = rps.build_model(make_cfg(), torch.device("cpu")).eval()
-    model.temperature = 2.0  # a calibrated checkpoint's; the demo's validation set always leaves it at 1
+    model.temperature = 2.0  # a calibrated checkpoint's, set by hand
     images = [Image.fromarray(rps.make_demo_image(np.random.default_rng(i), i % 2 == 1, size=260)) for i in range(2)]
     explanations = heatmaps.explain(model, images)
     np.testing.assert_allclose([e.p_fake for e in explanations], rps.predict(model, images), atol=1e-5)
