@@ -1982,6 +1982,15 @@ def expected_calibration_error(labels, probs, n_bins=ECE_BINS):
     return float(np.sum(counts[filled] / counts.sum() * np.abs(fraction_fake[filled] - mean_p[filled])))
 
 
+def top_label_calibration_error(labels, probs, n_bins=ECE_BINS):
+    """The top-label ECE most papers report (Guo et al. 2017), beside the binary one: the confidence
+    max(P, 1 - P) of the class called at 0.5 binned, against the share called right in each bin. It is the
+    binary ECE's formula with "called right" as the label and the confidence as the probability."""
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    called_right = (probs >= 0.5) == (labels == 1)
+    return expected_calibration_error(called_right.astype(int), np.maximum(probs, 1 - probs), n_bins)
+
+
 def probabilities_from_logits(logits, temperature=1.0, float32=False):
     """P(fake) = sigmoid(logit / temperature) in float64, so that a sharpening temperature (below 1) does not
     round P(fake) to exactly 0 or 1 as float32 does above |logit / T| ~ 17. Logits [B] -> [B]; logits
@@ -3702,11 +3711,12 @@ BIN_ECE_NOTE = (f"bin_ece: the binary ECE over P(fake) ({ECE_BINS} equal bins of
 
 def calibration_lines(model, labels, probs, raw_probs, tencrop=False):
     """eval's lines on the calibration, for the clean test images: what the bin_ece column is, the binary ECE
-    of all of them pooled (and of the raw P(fake)), and what the checkpoint's TARGET_FPR threshold, chosen on
+    of all of them pooled (and of the raw P(fake)) with their top-label ECE beside it, and what the checkpoint's TARGET_FPR threshold, chosen on
     validation reals, does here."""
     pooled = f"binary ECE over P(fake) of all {len(labels)} images pooled: {expected_calibration_error(labels, probs):.4f}"
     if model.temperature != 1.0:
         pooled += f" (raw P(fake), sigmoid(logit): {expected_calibration_error(labels, raw_probs):.4f})"
+    pooled += f"; top-label ECE, to compare with papers: {top_label_calibration_error(labels, probs):.4f}"
     lines = [BIN_ECE_NOTE, pooled]
     stored = stored_threshold(model)
     if stored is not None:

@@ -145,7 +145,21 @@ def test_the_bin_ece_column_sits_between_auc_and_skipped_and_eval_says_what_it_i
     model = SimpleNamespace(temperature=1.0, calibration=None, config={"TEST_CROP": "grid"})
     lines = rps.calibration_lines(model, np.array([0, 1]), np.array([0.2, 0.9]), np.array([0.2, 0.9]))
     assert lines[0].startswith("bin_ece: the binary ECE over P(fake) (15 equal bins of P(fake)), not the top-label ECE")
-    assert lines[1] == "binary ECE over P(fake) of all 2 images pooled: 0.1500"
+    assert lines[1] == "binary ECE over P(fake) of all 2 images pooled: 0.1500; top-label ECE, to compare with papers: 0.1500"
+
+
+def test_the_top_label_ece_bins_the_confidence_and_differs_from_the_binary_one():
+    # P(fake) 0.1 (a real, right) and 0.9 (a fake, right): confidence 0.9 twice, both right: top-label ECE 0.1.
+    assert rps.top_label_calibration_error([0, 1], [0.1, 0.9]) == pytest.approx(0.1)
+    # P(fake) 0.2 for a fake and 0.8 for a real: both wrong at confidence 0.8, top-label ECE 0.8; the binary ECE
+    # sees P(fake) 0.2 with no real and 0.8 with no fake in two bins, 0.8 as well.
+    assert rps.top_label_calibration_error([1, 0], [0.2, 0.8]) == pytest.approx(0.8)
+    # Where they differ: at P(fake) 0.7, 9 fakes of 10 (too unsure); at P(fake) 0.3, 5 fakes of 10 (too quick to
+    # call reals). Binary: |0.9 - 0.7| and |0.5 - 0.3|, 0.2. Top-label: both at confidence 0.7, called right
+    # 9 + 5 of 20 = 0.7 times: the two errors cancel, 0.
+    labels, probs = [1] * 9 + [0] + [1] * 5 + [0] * 5, [0.7] * 10 + [0.3] * 10
+    assert rps.expected_calibration_error(labels, probs) == pytest.approx(0.2)
+    assert rps.top_label_calibration_error(labels, probs) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_probabilities_from_logits_do_not_saturate_when_sharpened():
