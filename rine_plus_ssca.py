@@ -1967,8 +1967,9 @@ def reliability_bins(labels, probs, n_bins=ECE_BINS):
 
 
 def expected_calibration_error(labels, probs, n_bins=ECE_BINS):
-    """Binary ECE over P(fake) (the bin_ece column): over equal-width bins of P(fake), the sum of (share of the images in the bin) x
-    |fraction of fakes in the bin - mean P(fake) in the bin|. 0 means "P(fake) 0.9 is 90% fakes" holds.
+    """Binary ECE over P(fake) (the bin_ece column): over equal-width bins of P(fake), the sum of (share of
+    the images in the bin) x |fraction of fakes in the bin - mean P(fake) in the bin|. 0 means "P(fake) 0.9
+    is 90% fakes" holds.
 
     Binned on P(fake) itself, not on the confidence max(P, 1 - P) of Guo et al. 2017's top-label ECE:
     for a detector the question is what P(fake) means, and the confidence version would put the
