@@ -839,8 +839,10 @@ class RINEPlusSSCA(nn.Module):
         """(the image's logit [1], the logit of each position of its spectral map [h,w]) for pixels [1,3,H,W].
 
         The image's CLIP branch is kept; the spectral map is replaced by one position's token, so the
-        head answers "is the image fake, given that its spectrum looks like this everywhere?". Each
-        token sees about 72x72 pixels (8x8 DCT blocks, then 7x7 and 3x3 convolutions).
+        head answers "is the image fake, given that its spectrum looks like this everywhere?". A token is
+        not local to its 8x8 block: SSCA's spatial gate and global frequency filter reach the whole crop
+        (measured by gradients on the demo: 90% of a centre token's within 81x81 pixels, 99% within
+        212x212; docs/GUIDE.md 4.8).
         """
         z_clip, block_tokens, spectral_map = self.branches(pixels)
         logit = self.classifier(self.fused_representation(z_clip, block_tokens, spectral_map)).float().view(1)
@@ -1935,7 +1937,7 @@ def called_fake(probs, threshold, strict=False):
 
 def binary_metrics(labels, probs, threshold=0.5, strict=False):
     """Accuracy at threshold (strict: see called_fake), real/fake accuracy, best-threshold (oracle) accuracy,
-    AP, ROC AUC and ECE."""
+    AP, ROC AUC and the binary ECE over P(fake) (bin_ece)."""
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     labels = np.asarray(labels).astype(int)
@@ -1957,7 +1959,7 @@ def binary_metrics(labels, probs, threshold=0.5, strict=False):
         "best_acc": best_acc,
         "ap": float(average_precision_score(labels, probs)) if both_classes else float("nan"),
         "auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
-        "ece": expected_calibration_error(labels, probs),  # one class is enough: the fraction of fakes is 0 or 1
+        "bin_ece": expected_calibration_error(labels, probs),  # one class is enough: the fraction of fakes is 0 or 1
     }
 
 
@@ -1994,8 +1996,9 @@ def reliability_bins(labels, probs, n_bins=ECE_BINS):
 
 
 def expected_calibration_error(labels, probs, n_bins=ECE_BINS):
-    """ECE of P(fake): over equal-width bins of P(fake), the sum of (share of the images in the bin) x
-    |fraction of fakes in the bin - mean P(fake) in the bin|. 0 means "P(fake) 0.9 is 90% fakes" holds.
+    """Binary ECE over P(fake) (the bin_ece column): over equal-width bins of P(fake), the sum of (share of
+    the images in the bin) x |fraction of fakes in the bin - mean P(fake) in the bin|. 0 means "P(fake) 0.9
+    is 90% fakes" holds.
 
     Binned on P(fake) itself, not on the confidence max(P, 1 - P) of Guo et al. 2017's top-label ECE:
     for a detector the question is what P(fake) means, and the confidence version would put the
@@ -2007,6 +2010,15 @@ def expected_calibration_error(labels, probs, n_bins=ECE_BINS):
     if not filled.any():
         return float("nan")
     return float(np.sum(counts[filled] / counts.sum() * np.abs(fraction_fake[filled] - mean_p[filled])))
+
+
+def top_label_calibration_error(labels, probs, n_bins=ECE_BINS):
+    """The top-label ECE most papers report (Guo et al. 2017), beside the binary one: the confidence
+    max(P, 1 - P) of the class called at 0.5 binned, against the share called right in each bin. It is the
+    binary ECE's formula with "called right" as the label and the confidence as the probability."""
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    called_right = (probs >= 0.5) == (labels == 1)
+    return expected_calibration_error(called_right.astype(int), np.maximum(probs, 1 - probs), n_bins)
 
 
 def probabilities_from_logits(logits, temperature=1.0, float32=False):
@@ -2027,23 +2039,39 @@ def probabilities_from_logits(logits, temperature=1.0, float32=False):
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # the temperatures fit_temperature searches: sharpen up to 20x, flatten up to 20x
 
 
-def fit_temperature(logits, labels, bounds=TEMPERATURE_BOUNDS, steps=60):
-    """Temperature scaling (Guo et al. 2017): the T minimising the mean binary NLL of sigmoid(logit / T) on
-    labelled logits. Returns (T, at_bound).
+def platt_targets(labels):
+    """Platt's (1999) smoothed targets: (N+ + 1) / (N+ + 2) for the N+ fakes, 1 / (N- + 2) for the N- reals,
+    instead of 1 and 0. They say what N images can support: after N+ fakes all called right, the chance that
+    the next one is called wrong is about 1 / (N+ + 2) (Laplace's rule of succession), not 0."""
+    labels = np.asarray(labels, dtype=np.float64)
+    n_fake, n_real = float(np.sum(labels == 1)), float(np.sum(labels == 0))
+    return np.where(labels == 1, (n_fake + 1) / (n_fake + 2), 1 / (n_real + 2))
 
-    With beta = 1/T the NLL, mean(softplus(beta z) - y beta z), is convex in beta (its second derivative
-    mean(z^2 sigmoid'(beta z)) is >= 0), so its minimum is where the derivative mean(z (sigmoid(beta z) - y))
+
+def fit_temperature(logits, labels, bounds=TEMPERATURE_BOUNDS, steps=60):
+    """Temperature scaling (Guo et al. 2017) with Platt's smoothed targets: the T minimising the mean binary
+    cross-entropy of sigmoid(logit / T) against platt_targets(labels). Returns (T, at_bound).
+
+    Why the smoothed targets: against hard 0/1 targets, a validation set with no mistakes has no optimum
+    (the NLL keeps falling as T -> 0), and one mistake among thousands of confident logits decides T on
+    its own (4,000 logits with |z| in [4, 15] give T 0.05 with no mistake, 0.48 with one fake at -0.3).
+    The smoothed targets cap how sure P(fake) may be by how many images vouch for it, so the optimum is
+    finite with no mistake too, and each mistake moves T a little (0.898, 0.900, 0.901 for 0, 1, 2 mistakes
+    in that example; tests/test_calibration.py).
+
+    With beta = 1/T the loss, mean(softplus(beta z) - t beta z), is convex in beta (its second derivative
+    mean(z^2 sigmoid'(beta z)) is >= 0), so its minimum is where the derivative mean(z (sigmoid(beta z) - t))
     changes sign: found by bisection on log(beta), deterministic. When the derivative keeps one sign
-    over the whole range, the optimum lies beyond it, and the bound is returned with at_bound True:
-    e.g. when every logit is on the right side of 0 (all verdicts right at 0.5), the NLL keeps falling
-    as T -> 0. Changing T never changes a verdict at 0.5, AP or AUC: only what P(fake) says.
+    over the whole range, the optimum lies beyond it, and the bound is returned with at_bound True
+    (tiny logits in almost perfect order, or logits that tell nothing). Changing T never changes a verdict
+    at 0.5, AP or AUC: only what P(fake) says.
     """
-    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    z, targets = np.asarray(logits, dtype=np.float64), platt_targets(labels)
     if not np.any(z):  # no images, or every logit 0: every temperature gives the same P(fake)
         return 1.0, False
 
     def slope(log_beta):  # the sign of dNLL/dbeta, which dNLL/dlog(beta) shares
-        return float(np.mean(z * (probabilities_from_logits(z * math.exp(log_beta)) - y)))
+        return float(np.mean(z * (probabilities_from_logits(z * math.exp(log_beta)) - targets)))
 
     low, high = -math.log(bounds[1]), -math.log(bounds[0])  # log(beta) from the largest T to the smallest
     if slope(low) >= 0:
@@ -2068,10 +2096,9 @@ def temperature_bound_reason(temperature):
 def calibration_record(labels, logits, target_fpr=0.0):
     """What a best checkpoint stores under "calibration", from its validation labels and raw logits.
 
-    temperature (fit_temperature, with at_bound), n_images, the validation ECE at T = 1 and at the
-    temperature, and separated: True when every validation image is on the right side of 0.5. Then the
-    NLL falls all the way to T -> 0 (every P(fake) 0 or 1): such a set cannot say how sure to be, so the
-    temperature stays 1 rather than taking the bound's arbitrary sharpening. With target_fpr > 0 also
+    temperature (fit_temperature, with at_bound), n_images, the validation binary ECE over P(fake) at T = 1
+    and at the temperature, and separated: True when every validation image is on the right side of 0.5
+    (the smoothed targets still give such a set a temperature of its own). With target_fpr > 0 also
     fpr_threshold, the lowest threshold calling at most that share of the validation reals fake on the
     calibrated P(fake), its twin fpr_threshold_raw on the raw P(fake) (each chosen on the values predict
     computes, so the bound holds exactly there), and what fpr_threshold gives on the validation images
@@ -2080,8 +2107,6 @@ def calibration_record(labels, logits, target_fpr=0.0):
     labels, logits = np.asarray(labels).astype(int), np.asarray(logits, dtype=np.float64)
     temperature, at_bound = fit_temperature(logits, labels)
     separated = len(labels) > 0 and bool(np.all(np.where(labels == 1, logits, -logits) > 0))
-    if separated:
-        temperature, at_bound = 1.0, False
     calibrated, raw = probabilities_from_logits(logits, temperature), probabilities_from_logits(logits)
     record = dict(temperature=temperature, n_images=len(labels), at_bound=at_bound, separated=separated,
                   val_ece_raw=expected_calibration_error(labels, raw),
@@ -2167,7 +2192,7 @@ def _cell(value):
     return str(value)
 
 
-METRIC_COLUMNS = ["n_real", "n_fake", "acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "ece", "skipped"]
+METRIC_COLUMNS = ["n_real", "n_fake", "acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "bin_ece", "skipped"]
 SPLIT_FOLDER_NAMES = {"train", "val", "test"}
 
 
@@ -3408,16 +3433,13 @@ def report_training(progress, model, data, cfg, procs):
 def print_calibration(calibration):
     """The best checkpoint's calibration in a line or two, with a warning when the temperature is at a bound."""
     temperature = calibration["temperature"]
-    if calibration.get("separated"):
-        print(f"calibration: all {calibration['n_images']} validation images are on the right side of P(fake) 0.5, which "
-              "cannot say how sure P(fake) should be (any sharpening fits them better), so the temperature stays 1; "
-              f"validation ECE {calibration['val_ece_raw']:.3f}. A larger or harder validation set gives a temperature.")
-    else:
-        print(f"calibration: temperature {temperature:.3g} fitted on {calibration['n_images']} validation images; "
-              f"validation ECE {calibration['val_ece_raw']:.3f} -> {calibration['val_ece_calibrated']:.3f}")
+    separated = (f", all on the right side of P(fake) 0.5 (the smoothed targets keep P(fake) from claiming more "
+                 f"certainty than {calibration['n_images']} images can show)") if calibration.get("separated") else ""
+    print(f"calibration: temperature {temperature:.3g} fitted on {calibration['n_images']} validation images{separated}; "
+          f"validation binary ECE over P(fake) {calibration['val_ece_raw']:.3f} -> {calibration['val_ece_calibrated']:.3f}")
     if calibration["at_bound"]:
         print(f"warning: calibration: the temperature stopped at its {temperature_bound_reason(temperature)}. "
-              "P(fake) at this temperature is not to be trusted on other images; eval's ece column shows how it does "
+              "P(fake) at this temperature is not to be trusted on other images; eval's bin_ece column shows how it does "
               "on a test set.")
     if calibration["fpr_threshold"] is not None:
         raw = f" (on the raw P(fake): {calibration['fpr_threshold_raw']:.4g})" if temperature != 1.0 else ""
@@ -3850,13 +3872,19 @@ def stored_threshold_note(tencrop):
             "with --tencrop it is applied to ten-crop scores, so its false-positive rate may differ")
 
 
+BIN_ECE_NOTE = (f"bin_ece: the binary ECE over P(fake) ({ECE_BINS} equal bins of P(fake)), not the top-label ECE "
+                "over max(P, 1 - P) that papers often report")
+
+
 def calibration_lines(model, labels, probs, raw_probs, tencrop=False):
-    """eval's lines on the calibration, for the clean test images: the ECE of all of them pooled (and of the
-    raw P(fake)), and what the checkpoint's TARGET_FPR threshold, chosen on validation reals, does here."""
-    pooled = f"ECE of all {len(labels)} images pooled: {expected_calibration_error(labels, probs):.4f}"
+    """eval's lines on the calibration, for the clean test images: what the bin_ece column is, the binary ECE
+    of all of them pooled (and of the raw P(fake)) with their top-label ECE beside it, and what the checkpoint's TARGET_FPR threshold, chosen on
+    validation reals, does here."""
+    pooled = f"binary ECE over P(fake) of all {len(labels)} images pooled: {expected_calibration_error(labels, probs):.4f}"
     if model.temperature != 1.0:
         pooled += f" (raw P(fake), sigmoid(logit): {expected_calibration_error(labels, raw_probs):.4f})"
-    lines = [pooled]
+    pooled += f"; top-label ECE, to compare with papers: {top_label_calibration_error(labels, probs):.4f}"
+    lines = [BIN_ECE_NOTE, pooled]
     stored = stored_threshold(model)
     if stored is not None:
         fpr, recall = rates_at(labels, probs, stored, strict=scores_as_rine(model.config))

@@ -5,7 +5,9 @@
     model = load_detector("checkpoints/best_rine_plus_ssca.pth")
     draw_explanation(explain(model, ["photo.jpg"])[0])
 
-The map of the default model comes from the model itself (RINEPlusSSCA.local_logits in the script).
+The map of the default model comes from the model itself (RINEPlusSSCA.local_logits in the script);
+explain(..., windows=True) gives the slower map whose cells are local by construction. The splices, scores
+and deletion test below are what benchmarks/localisation.py and tests/test_explain.py measure them with.
 """
 
 from pathlib import Path
@@ -56,14 +58,16 @@ def window_logits(model, crop, batch_size=32, window=EXPLAIN_WINDOW, stride=EXPL
 
 
 @torch.inference_mode()
-def explain(model, images, batch_size=32):
+def explain(model, images, batch_size=32, windows=False):
     """Where each image looks generated: a list of Explanation, one per image (a path, a PIL image, or a list).
 
     With the spectral branch (the default model) the map is the head's answer for each position of the
     spectral map (RINEPlusSSCA.local_logits): cheap, one backbone pass. Without it (RINE) each 32x32 window
     is mirror-tiled to a whole crop and scored: about 170 forward passes per image. Both are P(fake) at the
     model's temperature, so the map and the image's P(fake) read on one scale. The map covers the centre crop,
-    the one predict scores without --tencrop. See docs/GUIDE.md, "Heatmaps".
+    the one predict scores without --tencrop. windows=True uses the windows on the spectral model too: slower,
+    but each cell then depends on the pixels within 24 px of it only (the spectral tokens see the whole image
+    through SSCA's global paths and the CLIP branch). See docs/GUIDE.md, "Heatmaps".
     """
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
@@ -76,7 +80,7 @@ def explain(model, images, batch_size=32):
     for image in images:
         crop = centre_crop(load_rgb(image))  # uint8 [3,H,W]
         with head_autocast(device, amp_dtype):
-            if model.use_spectral:
+            if model.use_spectral and not windows:
                 logit, local = model.local_logits(normalise_uint8(crop[None].to(device)))
                 method = "spectral tokens"
             else:
@@ -89,6 +93,79 @@ def explain(model, images, batch_size=32):
                                                                                float32).reshape(local.shape),
                                         local_logits=local.cpu().numpy(), method=method))
     return explanations
+
+
+def cell_gradient(model, pixels, row, column):
+    """|d (the spectral-token map's logit at cell (row, column)) / d pixels|, summed over colour channels: [H,W].
+    The CLIP branch is held at the image's value, as local_logits holds it, so this is the cell's reach
+    through the spectral branch alone (DCT blocks, convolutions, SSCA's spatial gate and global filter)."""
+    with torch.no_grad():
+        z_clip, block_tokens, _ = model.branches(pixels)
+    pixels = pixels.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        spectral_map = model.ssca(model.dct_conv(model.spectral_stem(pixels)))
+        one_token = spectral_map[:, :, row:row + 1, column:column + 1]
+        model.classifier(model.fused_representation(z_clip, block_tokens, one_token)).sum().backward()
+    return pixels.grad.abs().sum(dim=1)[0]
+
+
+def reach(gradient, row, column, share):
+    """The half-side in pixels, from the centre of 8x8 cell (row, column), of the smallest square around it
+    holding `share` of the gradient's total mass."""
+    height, width = gradient.shape
+    ys, xs = np.mgrid[0:height, 0:width]
+    distance = np.maximum(np.abs(ys + 0.5 - (row + 0.5) * GRID), np.abs(xs + 0.5 - (column + 0.5) * GRID))
+    order = np.argsort(distance.ravel(), kind="stable")
+    mass = np.cumsum(np.asarray(gradient, dtype=np.float64).ravel()[order])
+    return float(distance.ravel()[order][np.searchsorted(mass, share * mass[-1])])
+
+
+def cells_to_pixels(cells, height, width):
+    """[h,w] cell values spread over the [H,W] pixels they cover."""
+    cells = np.asarray(cells, dtype=np.float64)
+    return np.kron(cells, np.ones((height // cells.shape[0], width // cells.shape[1])))
+
+
+def localisation_scores(cells, box, height, width):
+    """How a map of cells [h,w] over an HxW crop points at a square box = (left, top, side):
+    pointing (1.0 when the highest cell's centre is inside the square), pixel_auc (ROC AUC of the map's
+    value at each pixel against the square's mask: 0.5 is chance, 1.0 every square pixel above every other)
+    and mass (the share of the map's mass, its values minus its minimum, inside the square: chance is the
+    square's share of the crop, 0.11 here)."""
+    from sklearn.metrics import roc_auc_score
+
+    left, top, side = box
+    mask = np.zeros((height, width), dtype=bool)
+    mask[top:top + side, left:left + side] = True
+    x, y = peak_of(Explanation(crop=np.zeros((height, width)), local_logits=np.asarray(cells)))
+    values = cells_to_pixels(cells, height, width)
+    above_minimum = values - values.min()
+    total = above_minimum.sum()
+    return dict(pointing=float(left <= x < left + side and top <= y < top + side),
+                pixel_auc=float(roc_auc_score(mask.ravel(), values.ravel())),
+                mass=float(above_minimum[mask].sum() / total) if total > 0 else float(mask.mean()))
+
+
+@torch.inference_mode()
+def deletion_logits(model, spliced_crop, photo_crop, cells, fractions, batch_size=32):
+    """The model's logit as the highest cells of `cells` [h,w] (ties: the first) are given back the photo's
+    pixels, one logit per fraction of the cells restored: a map faithful to the model lowers the logit faster
+    than random cells do. Crops uint8 [H,W,3] of the same size."""
+    height, width = spliced_crop.shape[:2]
+    order = np.argsort(-np.asarray(cells, dtype=np.float64).ravel(), kind="stable")
+    columns = cells.shape[1]
+    variants = []
+    for fraction in fractions:
+        variant = spliced_crop.copy()
+        for index in order[:round(fraction * order.size)]:
+            row, column = divmod(int(index), columns)
+            rows, cols = slice(row * GRID, (row + 1) * GRID), slice(column * GRID, (column + 1) * GRID)
+            variant[rows, cols] = photo_crop[rows, cols]
+        variants.append(variant)
+    device = next(model.parameters()).device
+    logits = [model(normalise_uint8(torch.from_numpy(np.stack(variants[i:i + batch_size])).permute(0, 3, 1, 2).to(device)))[0]
+              for i in range(0, len(variants), batch_size)]
+    return torch.cat(logits).float().cpu().numpy()
 
 
 def peak_of(explanation):
@@ -155,14 +232,50 @@ def write_explanations(model, paths, out_dir, threshold, batch_size=32):
 
 def make_spliced_demo_image(rng, generator="bilinear", size=256, crop_size=CROP_SIZE):
     """A demo 'photo' with a square cut from a demo fake of `generator` (None: from another photo, nothing to
-    find) pasted at a random place inside its centre crop, a third of the crop's side (1/9 of its area): what
-    the heatmaps must find (tests, benchmarks/localisation.py).
+    find) pasted at a random place inside its centre crop, a third of the crop's side (1/9 of its area).
+    The demo's fakes are upsampled, so the square is smoother than the photo around it: an edge filter finds
+    it too (make_matched_splice does not have that give-away).
     -> (uint8 [size,size,3], (left, top, side) of the square in the centre crop's coordinates)."""
+    image, _, box = splice(rng, generator, size, crop_size)
+    return image, box
+
+
+def make_matched_splice(rng, generator="bilinear", size=256, crop_size=CROP_SIZE):
+    """As make_spliced_demo_image, but the pasted square is re-noised until its high-frequency energy (the
+    mean squared Laplacian, of the colour channels and of the grey image) matches that of the photo it
+    covers: a detector must find the generator's trace, not a smooth patch. Gaussian noise of variance v adds
+    20 v to the mean squared 4-neighbour Laplacian (the kernel's squared weights sum to 1 + 1 + 1 + 1 + 16).
+    -> (spliced uint8 [size,size,3], the untouched photo uint8 [size,size,3], (left, top, side))."""
+    return splice(rng, generator, size, crop_size, match_high_frequencies=True)
+
+
+def laplacian(channels):
+    """The 4-neighbour Laplacian of float [H,W,...] on its inner pixels: [H-2,W-2,...]."""
+    return (channels[:-2, 1:-1] + channels[2:, 1:-1] + channels[1:-1, :-2] + channels[1:-1, 2:]
+            - 4 * channels[1:-1, 1:-1])
+
+
+def splice(rng, generator, size=256, crop_size=CROP_SIZE, match_high_frequencies=False):
+    """(spliced image, the photo before splicing, (left, top, side)); see make_matched_splice."""
     image = make_demo_image(rng, False, size=size)
+    photo = image.copy()
     donor = make_demo_image(rng, generator is not None, generator or "bilinear", size=size)
     side, crop_origin = round(crop_size / 3), on_grid((size - crop_size) // 2)  # CentreCrop's origin
     left, top = (int(v) for v in rng.integers(0, crop_size - side + 1, 2))
     donor_left, donor_top = (int(v) for v in rng.integers(0, size - side + 1, 2))
-    image[crop_origin + top:crop_origin + top + side, crop_origin + left:crop_origin + left + side] = \
-        donor[donor_top:donor_top + side, donor_left:donor_left + side]
-    return image, (left, top, side)
+    square = donor[donor_top:donor_top + side, donor_left:donor_left + side].astype(np.float64)
+    rows, columns = slice(crop_origin + top, crop_origin + top + side), slice(crop_origin + left, crop_origin + left + side)
+    if match_high_frequencies:
+        # Noise shared by the colour channels (a^2) and noise of each (b^2): per channel it adds 20 (a^2 + b^2)
+        # to the mean squared Laplacian, to that of the grey image (the channels' mean) 20 (a^2 + b^2 / 3), so
+        # both are matched, as a photo's noise and texture are partly shared by its channels.
+        def energies(pixels):
+            return (laplacian(pixels) ** 2).mean(), (laplacian(pixels.mean(axis=2)) ** 2).mean()
+        (photo_colour, photo_grey), (square_colour, square_grey) = energies(photo[rows, columns].astype(np.float64)), energies(square)
+        missing_colour, missing_grey = max(photo_colour - square_colour, 0.0) / 20, max(photo_grey - square_grey, 0.0) / 20
+        own = max(1.5 * (missing_colour - missing_grey), 0.0)
+        shared = max(missing_grey - own / 3, 0.0)
+        square = (square + np.sqrt(shared) * rng.normal(0.0, 1.0, square.shape[:2] + (1,))
+                  + np.sqrt(own) * rng.normal(0.0, 1.0, square.shape))
+    image[rows, columns] = np.clip(np.round(square), 0, 255).astype(np.uint8)
+    return image, photo, (left, top, side)

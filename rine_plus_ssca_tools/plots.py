@@ -41,7 +41,7 @@ def plot_reliability(labels, curves, path, n_bins=ECE_BINS):
         filled = counts > 0
         ece = expected_calibration_error(labels, probs, n_bins)
         curve_axis.plot(mean_p[filled], fraction_fake[filled], marker="o", color=f"C{number}",
-                        label=f"{name} (ECE {ece:.3f})")
+                        label=f"{name} (binary ECE {ece:.3f})")
         bars = count_axis.bar(np.arange(n_bins) / n_bins + (number + 0.5) * width, counts, width=width,
                               color=f"C{number}", label=name)
         count_axis.bar_label(bars, labels=[str(n) if n else "" for n in counts], fontsize=7)

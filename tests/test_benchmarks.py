@@ -121,18 +121,23 @@ def test_gpu_check_quick_on_the_cpu_writes_both_reports_with_every_section(tmp_p
     assert list(scratch.iterdir()) == []
 
 
-def test_localisation_prints_a_hit_rate_per_method_and_the_controls(demo, tmp_path):
+def test_localisation_prints_pointing_and_pixel_scores_per_method_and_generator_a_deletion_test_and_the_reach(demo, tmp_path):
     cwd, result = demo
     assert result.returncode == 0, result.stderr[-3000:]
-    result, scratch = run_benchmark("localisation.py", ["--ckpt", cwd / "checkpoints/demo/best_rine_plus_ssca.pth", "--n", "4",
-                                                        "--methods", "spectral tokens,attention,input gradient"], tmp_path)
+    methods = ["spectral tokens", "untrained tokens", "low HF energy", "random"]
+    result, scratch = run_benchmark("localisation.py", ["--ckpt", cwd / "checkpoints/demo/best_rine_plus_ssca.pth", "--n", "3",
+                                                        "--deletion-n", "1", "--methods", ",".join(methods)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rates = {m[1].strip(): float(m[2]) for m in re.finditer(r"^(\S.*?)\s+(\d\.\d\d)\s+\d+$", result.stdout, re.MULTILINE)}
-    expected = {"spectral tokens", "attention", "input gradient", "control: spectral tokens, untrained head",
-                "control: spectral tokens, square from real", "control: spectral tokens, square from nearest",
-                "control: spectral tokens, square from transposed_conv"}
-    assert set(rates) == expected, result.stdout
-    assert all(0.0 <= rate <= 1.0 for rate in rates.values())
+    rows = {(m[1].strip(), m[2]): [float(v) for v in m.group(3, 4, 5)] for m in re.finditer(
+        r"^(\S.*?)\s+(bilinear|nearest|transposed_conv|real)\s+(\d\.\d\d)\s+(\d\.\d{3})\s+(\d\.\d{3})\s+\d+$",
+        result.stdout, re.MULTILINE)}
+    assert set(rows) == {(m, g) for m in methods for g in ("bilinear", "nearest", "transposed_conv", "real")}, result.stdout
+    assert all(0.0 <= v <= 1.0 for scores in rows.values() for v in scores)
+    deletion = re.findall(r"^  (bilinear|nearest|transposed_conv)\s+(spectral tokens|low HF energy|random)((?:\s+-?\d+\.\d\d){5})$",
+                          result.stdout, re.MULTILINE)
+    assert len(deletion) == 9, result.stdout
+    assert re.search(r"centre cell: half-side holding 90% of \|gradient\|: [\d.]+$", result.stdout, re.MULTILINE)
+    assert "corner cell (0, 0): share of |gradient| in the opposite quarter: " in result.stdout
     assert list(scratch.iterdir()) == []
 
 

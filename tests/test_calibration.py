@@ -1,4 +1,5 @@
-"""Calibrated probabilities: the temperature fitted at the end of training, the ECE, the reliability diagram,
+"""Calibrated probabilities: the temperature fitted at the end of training (smoothly: one mistake moves it a
+little), the binary ECE over P(fake), the reliability diagram,
 and the threshold chosen for TARGET_FPR on validation reals.
 
 The temperature is checked against a direct minimisation of the NLL, the ECE against a hand computation,
@@ -27,10 +28,18 @@ LAYOUT = {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 10, "tran
           "test": {"bilinear": 4, "transposed_conv": 4}}
 
 
+def smoothed_targets(labels):
+    """Platt's targets written out: (N+ + 1) / (N+ + 2) for fakes, 1 / (N- + 2) for reals."""
+    labels = np.asarray(labels)
+    n_fake, n_real = (labels == 1).sum(), (labels == 0).sum()
+    return np.where(labels == 1, (n_fake + 1) / (n_fake + 2), 1 / (n_real + 2))
+
+
 def nll(logits, labels, temperature):
-    """Mean binary NLL of sigmoid(logit / T), written out (log(1 + e^x) - y x with x = z / T)."""
+    """Mean binary cross-entropy of sigmoid(logit / T) against Platt's targets t, written out
+    (log(1 + e^x) - t x with x = z / T)."""
     x = np.asarray(logits, dtype=np.float64) / temperature
-    return float(np.mean(np.logaddexp(0.0, x) - np.asarray(labels) * x))
+    return float(np.mean(np.logaddexp(0.0, x) - smoothed_targets(labels) * x))
 
 
 def sigmoid(x):
@@ -58,13 +67,18 @@ def test_fitted_temperature_is_the_direct_minimum_of_the_nll(seed):
         assert nll(logits, labels, temperature) < nll(logits, labels, nearby)
 
 
-def test_a_separated_validation_set_puts_the_temperature_at_its_bound():
-    # Every logit on the right side of 0: the NLL keeps falling as T -> 0, so the fit stops at the lower bound.
+def test_a_separated_validation_set_gets_a_finite_temperature_and_bounds_still_stop_the_fit():
+    # Every logit on the right side of 0: against hard targets the NLL would fall all the way to T -> 0; the
+    # smoothed targets (0.8 and 0.2 for 3 images a class) give an inner optimum, the direct minimum.
     labels = np.array([0, 0, 0, 1, 1, 1])
     logits = np.array([-3.0, -0.2, -1.0, 0.1, 2.0, 5.0])
+    assert smoothed_targets(labels).tolist() == [0.2] * 3 + [0.8] * 3
+    temperature, at_bound = rps.fit_temperature(logits, labels)
+    assert not at_bound
+    direct = minimize_scalar(lambda log_t: nll(logits, labels, math.exp(log_t)), method="bounded",
+                             bounds=(math.log(0.05), math.log(20)), options={"xatol": 1e-10})
+    assert temperature == pytest.approx(math.exp(direct.x), rel=1e-5)
     low, high = rps.TEMPERATURE_BOUNDS
-    assert rps.fit_temperature(logits, labels) == (low, True)
-    assert nll(logits, labels, low) < nll(logits, labels, 2 * low) < nll(logits, labels, 1.0)
     # Logits that say nothing (or the opposite of the truth): flattening always helps, the upper bound.
     assert rps.fit_temperature(np.array([1.0, -1.0, 1.0, -1.0]), np.array([1, 1, 0, 0])) == (high, True)
     assert rps.fit_temperature(-logits, labels) == (high, True)
@@ -72,6 +86,34 @@ def test_a_separated_validation_set_puts_the_temperature_at_its_bound():
     assert rps.fit_temperature(np.zeros(4), np.array([0, 1, 0, 1])) == (1.0, False)
     assert "lower bound 0.05" in rps.temperature_bound_reason(low)
     assert "upper bound 20" in rps.temperature_bound_reason(high)
+
+
+def confident_logits(n=4000, seed=0):
+    """n validation logits all on the right side of 0, |z| uniform in [4, 15], half reals, half fakes."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    return np.where(labels == 1, 1.0, -1.0) * rng.uniform(4, 15, n), labels
+
+
+SMOOTHNESS = 0.01  # the most T may move, relatively, when one mistake joins 4,000 confident logits
+
+
+def test_one_mistake_among_thousands_moves_the_temperature_a_little():
+    """A fake at logit -0.3 joins 4,000 confident logits, then a second one: against hard 0/1 targets T went
+    from the bound 0.05 (the checkpoint then kept 1) to 0.48 with the first mistake; now it moves less than 1%."""
+    logits, labels = confident_logits()
+    temperatures = []
+    for mistakes in range(3):
+        these_logits, these_labels = np.append(logits, [-0.3] * mistakes), np.append(labels, [1] * mistakes)
+        record = rps.calibration_record(these_labels, these_logits)  # what the best checkpoint stores
+        assert record["temperature"] == rps.fit_temperature(these_logits, these_labels)[0] and not record["at_bound"]
+        assert record["separated"] is (mistakes == 0)
+        temperatures.append(record["temperature"])
+    print("T with 0, 1, 2 mistakes:", temperatures)
+    assert 0.5 < temperatures[0] < 2  # no sharpening without end on a set with no mistake
+    for before, after in zip(temperatures, temperatures[1:]):
+        assert abs(after / before - 1) < SMOOTHNESS, temperatures
+    assert temperatures[0] < temperatures[1] < temperatures[2]  # each mistake flattens P(fake), a little
 
 
 # --------------------------------------------------------------------------- 2. ECE
@@ -95,11 +137,29 @@ def test_ece_matches_a_hand_computation():
     assert math.isnan(rps.expected_calibration_error([], []))
 
 
-def test_the_ece_column_sits_between_auc_and_skipped():
-    assert rps.METRIC_COLUMNS.index("ece") == rps.METRIC_COLUMNS.index("auc") + 1
-    assert rps.METRIC_COLUMNS.index("skipped") == rps.METRIC_COLUMNS.index("ece") + 1
+def test_the_bin_ece_column_sits_between_auc_and_skipped_and_eval_says_what_it_is():
+    assert rps.METRIC_COLUMNS.index("bin_ece") == rps.METRIC_COLUMNS.index("auc") + 1
+    assert rps.METRIC_COLUMNS.index("skipped") == rps.METRIC_COLUMNS.index("bin_ece") + 1
     metrics = rps.binary_metrics([0, 1, 1], [0.1, 0.8, 1.0])
-    assert metrics["ece"] == pytest.approx((0.1 + 0.2 + 0) / 3)
+    assert metrics["bin_ece"] == pytest.approx((0.1 + 0.2 + 0) / 3)
+    model = SimpleNamespace(temperature=1.0, calibration=None, config={"TEST_CROP": "grid"})
+    lines = rps.calibration_lines(model, np.array([0, 1]), np.array([0.2, 0.9]), np.array([0.2, 0.9]))
+    assert lines[0].startswith("bin_ece: the binary ECE over P(fake) (15 equal bins of P(fake)), not the top-label ECE")
+    assert lines[1] == "binary ECE over P(fake) of all 2 images pooled: 0.1500; top-label ECE, to compare with papers: 0.1500"
+
+
+def test_the_top_label_ece_bins_the_confidence_and_differs_from_the_binary_one():
+    # P(fake) 0.1 (a real, right) and 0.9 (a fake, right): confidence 0.9 twice, both right: top-label ECE 0.1.
+    assert rps.top_label_calibration_error([0, 1], [0.1, 0.9]) == pytest.approx(0.1)
+    # P(fake) 0.2 for a fake and 0.8 for a real: both wrong at confidence 0.8, top-label ECE 0.8; the binary ECE
+    # sees P(fake) 0.2 with no real and 0.8 with no fake in two bins, 0.8 as well.
+    assert rps.top_label_calibration_error([1, 0], [0.2, 0.8]) == pytest.approx(0.8)
+    # Where they differ: at P(fake) 0.7, 9 fakes of 10 (too unsure); at P(fake) 0.3, 5 fakes of 10 (too quick to
+    # call reals). Binary: |0.9 - 0.7| and |0.5 - 0.3|, 0.2. Top-label: both at confidence 0.7, called right
+    # 9 + 5 of 20 = 0.7 times: the two errors cancel, 0.
+    labels, probs = [1] * 9 + [0] + [1] * 5 + [0] * 5, [0.7] * 10 + [0.3] * 10
+    assert rps.expected_calibration_error(labels, probs) == pytest.approx(0.2)
+    assert rps.top_label_calibration_error(labels, probs) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_probabilities_from_logits_do_not_saturate_when_sharpened():
@@ -192,7 +252,7 @@ def test_best_checkpoint_stores_the_temperature_fitted_on_its_validation_logits(
     assert calibration["val_ece_calibrated"] == pytest.approx(calibrated_ece, abs=1e-6)
     assert calibration["val_ece_calibrated"] <= calibration["val_ece_raw"]
     # The validation metrics (history, checkpoint metrics) are those of the raw P(fake), ECE included.
-    assert run["checkpoint"]["metrics"]["ece"] == pytest.approx(raw_ece, abs=1e-6)
+    assert run["checkpoint"]["metrics"]["bin_ece"] == pytest.approx(raw_ece, abs=1e-6)
     # The last checkpoint holds no calibration of its own; its resume state keeps the best one's.
     last = torch.load(run["best"].with_name(rps.LAST_NAME), map_location="cpu", weights_only=True)
     assert "calibration" not in last and last["resume"]["best_calibration"] == calibration
@@ -217,21 +277,20 @@ def test_training_prints_the_calibration(run, capsys):
     rps.print_calibration(run["calibration"])
     out = capsys.readouterr().out
     t, n = run["calibration"]["temperature"], run["calibration"]["n_images"]
-    assert f"calibration: temperature {t:.3g} fitted on {n} validation images; validation ECE " in out
+    assert f"calibration: temperature {t:.3g} fitted on {n} validation images; validation binary ECE over P(fake) " in out
     assert f"calibration: threshold {run['calibration']['fpr_threshold']:.4g} " in out and "(TARGET_FPR 0.1)" in out
 
 
-def test_a_separated_validation_set_keeps_the_temperature_at_one(capsys):
-    """Every validation image right at 0.5: the fit would sharpen without end, so T stays 1 and training says why."""
+def test_a_separated_validation_set_gets_its_temperature_and_training_says_so(capsys):
+    """Every validation image right at 0.5: the smoothed targets still fit a temperature (no longer a fixed 1)."""
     calibration = rps.calibration_record([0, 0, 1, 1], [-2.0, -1.0, 1.0, 3.0])
-    assert rps.fit_temperature([-2.0, -1.0, 1.0, 3.0], [0, 0, 1, 1]) == (rps.TEMPERATURE_BOUNDS[0], True)
-    assert calibration["separated"] and calibration["temperature"] == 1.0 and not calibration["at_bound"]
-    assert calibration["val_ece_calibrated"] == calibration["val_ece_raw"]
+    assert calibration["separated"] and not calibration["at_bound"]
+    assert calibration["temperature"] == rps.fit_temperature([-2.0, -1.0, 1.0, 3.0], [0, 0, 1, 1])[0] != 1.0
     assert calibration["fpr_threshold"] is None and calibration["target_fpr"] is None
     rps.print_calibration(calibration)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("calibration: all 4 validation images are on the right side")
-    assert "the temperature stays 1" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"calibration: temperature {calibration['temperature']:.3g} fitted on 4 "
+                                                   "validation images, all on the right side of P(fake) 0.5")
 
 
 def test_a_temperature_at_its_bound_is_explained_in_training(capsys):
@@ -246,14 +305,14 @@ def test_a_temperature_at_its_bound_is_explained_in_training(capsys):
     assert len(lines) == 2 and lines[1].startswith("warning: calibration: the temperature stopped at its lower bound 0.05")
 
 
-def test_the_demo_checkpoint_is_no_worse_calibrated_on_validation_than_raw(demo):
-    """The issue's check on the demo itself: its validation ECE after calibration is lower, or equal when the
-    temperature stays 1, and what the checkpoint stores matches its validation images scored again here."""
+def test_the_demo_checkpoint_stores_the_calibration_of_its_validation_images(demo):
+    """The demo itself: what the checkpoint stores matches its validation images scored again here. (Its 120
+    validation images are all called right, so the smoothed targets flatten P(fake) a little, and the binary
+    ECE on those same images rises: ECE on a separated set rewards P(fake) of exactly 0 and 1.)"""
     cwd, result = demo
     assert result.returncode == 0, result.stderr[-3000:]
     best = cwd / "checkpoints/demo" / rps.BEST_NAME
     calibration = torch.load(best, map_location="cpu", weights_only=True)["calibration"]
-    assert calibration["val_ece_calibrated"] <= calibration["val_ece_raw"]
     model = rps.load_detector(best, device="cpu", calibrated=False)
     batch_size = rps.read_checkpoint(best)["run_config"]["BATCH_SIZE"]  # the validation batches of training
     cfg = SimpleNamespace(**dict(model.config, NUM_WORKERS=0, BATCH_SIZE=batch_size))
@@ -348,7 +407,7 @@ def test_eval_reports_ece_per_generator_the_stored_threshold_and_draws_the_relia
         chosen = [p for p in paths if f"/{generator}/" in p]
         labels = [int("/1_fake/" in p) for p in chosen]
         expected = rps.expected_calibration_error(labels, [probs[p] for p in chosen])
-        assert abs(float(rows[generator]["ece"]) - expected) <= 5e-5 + 1e-6, generator
+        assert abs(float(rows[generator]["bin_ece"]) - expected) <= 5e-5 + 1e-6, generator
     assert stdout.count("P(fake) is calibrated, sigmoid(logit / T) with the temperature T = ") == 1
     png = out / "eval_test_reliability.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -365,7 +424,7 @@ def test_eval_reports_ece_per_generator_the_stored_threshold_and_draws_the_relia
     assert float(match.group(3)) == pytest.approx((scores[labels == 1] >= threshold).mean(), abs=5e-5)
     # The pooled ECE, of the calibrated and of the raw P(fake).
     raw_scores = rps.predict(rps.load_detector(run["best"], device="cpu", calibrated=False), paths)
-    match = re.search(r"ECE of all (\d+) images pooled: (\d\.\d{4}) \(raw P\(fake\), sigmoid\(logit\): (\d\.\d{4})\)", stdout)
+    match = re.search(r"binary ECE over P\(fake\) of all (\d+) images pooled: (\d\.\d{4}) \(raw P\(fake\), sigmoid\(logit\): (\d\.\d{4})\)", stdout)
     assert match and int(match.group(1)) == len(paths)
     assert float(match.group(2)) == pytest.approx(rps.expected_calibration_error(labels, scores), abs=5e-5)
     assert float(match.group(3)) == pytest.approx(rps.expected_calibration_error(labels, raw_scores), abs=5e-5)
@@ -384,7 +443,7 @@ def test_eval_uncalibrated_reports_the_raw_p(run, capsys):
     rows = {row["generator"]: row for row in csv.DictReader(open(out / "eval_test.csv"))}
     chosen = [p for p in paths if "/transposed_conv/" in p]
     expected = rps.expected_calibration_error([int("/1_fake/" in p) for p in chosen], [raw[p] for p in chosen])
-    assert abs(float(rows["transposed_conv"]["ece"]) - expected) <= 5e-5 + 1e-6
+    assert abs(float(rows["transposed_conv"]["bin_ece"]) - expected) <= 5e-5 + 1e-6
     threshold = run["calibration"]["fpr_threshold_raw"]  # the stored threshold's twin on the raw scale
     assert f"stored threshold {threshold:.4g} (TARGET_FPR 0.1" in stdout
     assert (out / "eval_test_reliability.png").is_file()

@@ -106,7 +106,7 @@ def hand_metrics(labels, scores, threshold=THRESHOLD):
         "best_acc": best / n if both else math.nan,
         "ap": average_precision_score(labels, scores) if both else math.nan,
         "auc": roc_auc_score(labels, scores) if both else math.nan,
-        "ece": hand_ece(labels, scores),
+        "bin_ece": hand_ece(labels, scores),
         "skipped": 0,
     }
 
@@ -223,7 +223,7 @@ def test_eval_csv_matches_sklearn_and_counts_by_hand(model, benchmark, evaluated
     # The mean row is the mean of the generator rows as written.
     generator_rows = [row for row in rows if row["generator"] != MEAN]
     mean_row = [row for row in rows if row["generator"] == MEAN][0]
-    for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "ece"):
+    for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "bin_ece"):
         average = np.mean([float(row[column]) for row in generator_rows])
         assert abs(float(mean_row[column]) - average) <= 2 * ROUNDED, column
     for column in ("n_real", "n_fake", "skipped"):

@@ -180,7 +180,7 @@ def test_each_layout_gives_one_row_per_generator_with_its_reals(model, tmp_path,
     # The mean row averages the generator rows and sums their counts.
     mean = dict(zip(rps.METRIC_COLUMNS, rows[-1][1:]))
     generator_rows = [dict(zip(rps.METRIC_COLUMNS, row[1:])) for row in rows[:-1]]
-    for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "ece"):
+    for column in ("acc", "real_acc", "fake_acc", "best_acc", "ap", "auc", "bin_ece"):
         assert mean[column] == pytest.approx(np.mean([row[column] for row in generator_rows]), abs=1e-12), column
     assert mean["n_real"] == sum(row["n_real"] for row in generator_rows)
     assert mean["n_fake"] == sum(row["n_fake"] for row in generator_rows)
