@@ -2369,7 +2369,9 @@ def collect_test_items(data_dir, real_dir=None, max_per_class=None, seed=0, prot
             sampled += members if len(members) <= max_per_class else rng.sample(members, max_per_class)
         items = sorted(sampled, key=lambda item: position[item[2]])
     if not items:
-        raise UserError(f"No labelled images under {data_dir}; labels come from folders named 0_real/real/nature and 1_fake/fake/ai.")
+        raise UserError(f"No labelled images under {data_dir}; labels come from folders named 0_real/real/nature and "
+                        "1_fake/fake/ai. To score images without labels, use predict: python rine_plus_ssca.py predict "
+                        f"--ckpt CHECKPOINT {data_dir}")
     return items
 
 
@@ -2607,10 +2609,12 @@ def read_checkpoint(path):
     path = Path(path)
     if path.is_dir():
         found = sorted(str(p) for p in path.iterdir() if p.suffix in (".pth", ".safetensors"))
-        raise UserError(f"{path} is a folder; pass one checkpoint file in it to --ckpt: "
+        raise UserError(f"{path} is a folder; name one checkpoint file in it (--ckpt FILE, or load_detector(FILE) in "
+                        "Python): "
                         + (", ".join(found) if found else "it holds no .pth or .safetensors files") + ".")
     if not path.is_file():
-        raise UserError(f"No checkpoint at {path}; train first (python rine_plus_ssca.py) or pass --ckpt with the right path.")
+        raise UserError(f"No checkpoint at {path}; train first (python rine_plus_ssca.py), or give the right path "
+                        "(--ckpt FILE, or load_detector(FILE) in Python).")
     with open(path, "rb") as f:
         header = f.read(9)
     if header[8:9] == b"{":  # safetensors: an 8-byte length, then a JSON header
@@ -2764,8 +2768,8 @@ def check_backbone_matches(expected, actual, path, clip_model):
     have = (actual.get("hidden_size"), actual.get("num_hidden_layers"))
     if None not in want and want != have:
         raise UserError(f"{path} was made for a backbone of width {want[0]} with {want[1]} blocks, but {clip_model} "
-                        f"has width {have[0]} with {have[1]} blocks; pass --clip-model with the backbone it was made "
-                        "with (RINE's checkpoints: openai/clip-vit-large-patch14).")
+                        f"has width {have[0]} with {have[1]} blocks; name the backbone it was made with (--clip-model, or "
+                        "load_detector(..., clip_model=...) in Python; RINE's checkpoints: openai/clip-vit-large-patch14).")
 
 
 @torch.inference_mode()
@@ -3982,7 +3986,10 @@ def run_demo(cfg):
         print(f"\ntest set {test_dir} ('transposed_conv' is a generator not seen in training):")
         print(describe_probabilities(model))
         print(format_table(["generator"] + METRIC_COLUMNS, rows))
+    # Used elsewhere offline, the checkpoint needs its backbone folder too (--clip-model): say where it is.
+    backbone = Path(cfg.CLIP_MODEL).resolve() if Path(cfg.CLIP_MODEL).is_dir() else cfg.CLIP_MODEL
     print(f"\nDemo finished in {time.time() - started:.0f} s; checkpoint: {best_path}\n"
+          f"its backbone (give it to --clip-model where the checkpoint cannot find it): {backbone}\n"
           "This was the pipeline on toy data, not a trained detector. Real training needs real and generated images\n"
           "(e.g. ForenSynths/CNNDetection or GenImage under data/train) and the real CLIP ViT-L/14 backbone\n"
           "(downloaded once, or a local folder in CLIP_MODEL), ideally on a GPU: see README.md.")

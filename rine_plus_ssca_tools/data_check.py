@@ -120,6 +120,10 @@ def run_check_data(args):
     if not items:
         print(f"error: no labelled images under {root}; put them in 0_real/real/nature and 1_fake/fake/ai folders.",
               file=sys.stderr)
+    if unreadable:  # the exit code is 1: the last line says why
+        print(f"error: {count_of(len(unreadable), 'image')} under {root} cannot be read (listed above under 'unreadable "
+              "images'); delete or re-download them. Training skips them, but stops when more than MAX_BAD_FRACTION "
+              "of a split cannot be read.", file=sys.stderr)
     return 1 if unreadable or not items else 0
 
 

@@ -10,6 +10,7 @@ explain(..., windows=True) gives the slower map whose cells are local by constru
 and deletion test below are what benchmarks/localisation.py and tests/test_explain.py measure them with.
 """
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rine_plus_ssca import (CROP_SIZE, GRID, build_transform, head_amp_dtype, head_autocast, load_rgb, make_demo_image,
-                            normalise_uint8, on_grid, probabilities_from_logits, scores_as_rine)
+from rine_plus_ssca import (CROP_SIZE, GRID, build_transform, called_fake, count_of, decision_threshold, head_amp_dtype,
+                            head_autocast, load_rgb, make_demo_image, normalise_uint8, on_grid, probabilities_from_logits,
+                            scores_as_rine)
 
 
 EXPLAIN_WINDOW = 32  # without the spectral branch: side of the windows scored on their own (a multiple of 8)
@@ -29,7 +31,9 @@ class Explanation(SimpleNamespace):
     """One image explained. image: what was passed (a path, or None for a PIL image); crop: uint8 [H,W,3], the
     crop the detector sees; p_fake: its P(fake); local_p_fake: [h,w] map over the crop, the P(fake) the model
     gives when the whole image looks like that region; local_logits: the same before the sigmoid (no ties
-    where probabilities round to 1); method: "spectral tokens" or "windows"."""
+    where probabilities round to 1); method: "spectral tokens" or "windows"; threshold: the one predict would
+    use (the checkpoint's TARGET_FPR threshold when it stores one, else THRESHOLD); rine_scoring: fake only
+    above it (RINE's own scoring) instead of at or above it."""
 
 
 def mirror_tiled(window, size):
@@ -38,12 +42,25 @@ def mirror_tiled(window, size):
     return np.pad(window, ((0, size - window.shape[0]), (0, size - window.shape[1]), (0, 0)), mode="symmetric")
 
 
+def window_origins(height, width, window=EXPLAIN_WINDOW, stride=EXPLAIN_STRIDE):
+    """(top, left) of every window scored on its own: 13 x 13 = 169 on a 224 px crop."""
+    return [(top, left) for top in range(0, height - window + 1, stride) for left in range(0, width - window + 1, stride)]
+
+
+def backbone_passes_per_image(model):
+    """Images the backbone sees to explain one image: the crop itself, plus each window without the spectral branch."""
+    if model.use_spectral:
+        return 1
+    size = model.config["CROP_SIZE"]
+    return 1 + len(window_origins(size, size))
+
+
 @torch.inference_mode()
 def window_logits(model, crop, batch_size=32, window=EXPLAIN_WINDOW, stride=EXPLAIN_STRIDE):
     """Without the spectral branch: every window of the crop [H,W,3] mirror-tiled to the crop's size and scored
     by the whole model; the logit of each 8x8 cell is the mean over the windows covering it. -> [H/8,W/8]."""
     height, width = crop.shape[:2]
-    origins = [(top, left) for top in range(0, height - window + 1, stride) for left in range(0, width - window + 1, stride)]
+    origins = window_origins(height, width, window, stride)
     device = next(model.parameters()).device
     sums, counts = torch.zeros(height // GRID, width // GRID), torch.zeros(height // GRID, width // GRID)
     for start in range(0, len(origins), batch_size):
@@ -75,6 +92,7 @@ def explain(model, images, batch_size=32, windows=False):
     centre_crop = build_transform(cfg, train=False)
     device = next(model.parameters()).device
     amp_dtype, float32 = head_amp_dtype(cfg, device), scores_as_rine(cfg)
+    threshold, _ = decision_threshold(model)  # what predict would decide with, so a drawn verdict matches it
     model.eval()
     explanations = []
     for image in images:
@@ -91,7 +109,8 @@ def explain(model, images, batch_size=32, windows=False):
                                         p_fake=float(probabilities_from_logits(logit.cpu(), model.temperature, float32)[0]),
                                         local_p_fake=probabilities_from_logits(local.cpu().numpy().ravel(), model.temperature,
                                                                                float32).reshape(local.shape),
-                                        local_logits=local.cpu().numpy(), method=method))
+                                        local_logits=local.cpu().numpy(), method=method, threshold=threshold,
+                                        rine_scoring=float32))
     return explanations
 
 
@@ -176,9 +195,10 @@ def peak_of(explanation):
     return float((column + 0.5) * width / cells.shape[1]), float((row + 0.5) * height / cells.shape[0])
 
 
-def draw_explanation(explanation, threshold=0.5):
+def draw_explanation(explanation, threshold=None):
     """The crop beside the crop under its map of local P(fake): a matplotlib Figure (notebooks show it; .savefig
-    writes it). Built without pyplot, so it changes no backend and is safe in notebooks and scripts alike."""
+    writes it). Built without pyplot, so it changes no backend and is safe in notebooks and scripts alike.
+    The verdict in the title uses `threshold`, by default the one predict uses (explanation.threshold)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8.6, 4.4))
@@ -190,7 +210,8 @@ def draw_explanation(explanation, threshold=0.5):
     figure.colorbar(overlay, ax=map_axis, fraction=0.046, pad=0.03, label="local P(fake)")
     for axis in (image_axis, map_axis):
         axis.axis("off")
-    verdict = "fake" if explanation.p_fake >= threshold else "real"
+    threshold = explanation.threshold if threshold is None else threshold
+    verdict = "fake" if called_fake(explanation.p_fake, threshold, strict=explanation.rine_scoring) else "real"
     figure.suptitle(f"P(fake) {explanation.p_fake:.3f}: {verdict} at threshold {threshold:g}",
                     color="red" if verdict == "fake" else "green")
     figure.tight_layout()
@@ -207,8 +228,10 @@ def overlay_explanation(axis, explanation, alpha=0.55):
 
 
 def explanation_file_names(paths):
-    """A PNG name per image path: its file name, with as many of the folders above it as make every name unique."""
-    stems = [[part for part in Path(path).with_suffix("").parts if part not in ("/", "\\", "..", ".")] for path in paths]
+    """A PNG name per image path: its file name with the extension kept (x.jpg -> x_jpg.png, so x.jpg and x.png get
+    one picture each), with as many of the folders above it as make every name unique."""
+    stems = [[part for part in Path(path).parent.parts if part not in ("/", "\\", "..", ".")]
+             + [Path(path).stem + Path(path).suffix.replace(".", "_")] for path in paths]
     for depth in range(1, max((len(stem) for stem in stems), default=1) + 1):
         names = ["_".join(stem[-depth:]) for stem in stems]
         if len(set(names)) == len(names):
@@ -222,12 +245,27 @@ def write_explanations(model, paths, out_dir, threshold, batch_size=32):
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if next(model.parameters()).device.type == "cpu":
+        print(cost_note(model, len(paths)), file=sys.stderr)
     written = []
     for path, name in tqdm(list(zip(paths, explanation_file_names(paths))), desc="heatmaps", leave=False):
         figure = draw_explanation(explain(model, path, batch_size)[0], threshold)
         figure.savefig(out_dir / name, dpi=100)
         written.append(out_dir / name)
     return written
+
+
+def cost_note(model, n_images):
+    """One line before heatmaps are drawn on the CPU: how many backbone passes they need (a ViT-L/14 pass is the
+    expensive part, about 160 GFLOP)."""
+    passes = backbone_passes_per_image(model)
+    if passes == 1:
+        return (f"note: heatmaps run the backbone once more per image on the CPU, {n_images} more passes for "
+                f"{count_of(n_images, 'image')} (the map comes from the spectral branch)")
+    return (f"note: heatmaps without the spectral branch run the backbone {passes} times per image on the CPU (the "
+            f"crop and each of its {passes - 1} windows), {passes * n_images} passes for {count_of(n_images, 'image')}; "
+            "with ViT-L/14 that is a minute or more per image on a CPU, the progress bar moving once per image. "
+            "A GPU (--device cuda) is much faster.")
 
 
 def make_spliced_demo_image(rng, generator="bilinear", size=256, crop_size=CROP_SIZE):

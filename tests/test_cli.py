@@ -162,6 +162,9 @@ def test_demo_runs_end_to_end(demo):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     best = cwd / "checkpoints/demo" / rps.BEST_NAME
     assert best.is_file()
+    # Where the tiny backbone is, for --clip-model when the checkpoint is used elsewhere offline.
+    backbone = (cwd / "checkpoints/demo/tiny_clip_backbone").resolve()
+    assert f"its backbone (give it to --clip-model where the checkpoint cannot find it): {backbone}\n" in result.stdout
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     # The validation table: one row per epoch, with accuracy and AP.
     rows = parse_table(result.stdout, "epoch")

@@ -525,7 +525,10 @@ def test_predict_explain_draws_each_readable_image_and_reports_the_broken_ones(o
     result = own_images["results"]["plain"]
     readable, unreadable = own_images["readable"], own_images["unreadable"]
     pictures = sorted((own_images["root"] / "heatmaps").iterdir())
-    assert [p.name for p in pictures] == sorted(Path(name).stem + ".png" for name in readable)  # none for the broken
+    # One per readable image (none for the broken), named with the image's extension: x.jpg -> x_jpg.png.
+    assert [p.name for p in pictures] == sorted(Path(name).stem + Path(name).suffix.replace(".", "_") + ".png"
+                                                for name in readable)
+    assert "note: heatmaps run the backbone once more per image on the CPU" in result.stderr  # said before they start
     for picture in pictures:
         with Image.open(picture) as drawn:
             assert drawn.format == "PNG" and drawn.width > 400

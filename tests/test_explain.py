@@ -161,10 +161,12 @@ def test_drawing_makes_a_two_panel_figure_without_touching_the_pyplot_backend(ma
 
 
 def test_picture_names_are_unique_and_readable():
-    assert heatmaps.explanation_file_names(["a/x.png", "b/x.png", "c/y.jpg"]) == ["a_x.png", "b_x.png", "c_y.png"]
-    assert heatmaps.explanation_file_names(["mine/gray.png", "mine/tiny.png"]) == ["gray.png", "tiny.png"]
-    assert heatmaps.explanation_file_names(["/abs/p.png"]) == ["p.png"]
-    names = heatmaps.explanation_file_names(["d/x.png", "d/x.jpg"])  # same stem in the same folder
+    assert heatmaps.explanation_file_names(["a/x.png", "b/x.png", "c/y.jpg"]) == ["a_x_png.png", "b_x_png.png", "c_y_jpg.png"]
+    assert heatmaps.explanation_file_names(["mine/gray.png", "mine/tiny.png"]) == ["gray_png.png", "tiny_png.png"]
+    assert heatmaps.explanation_file_names(["/abs/p.png"]) == ["p_png.png"]
+    # The same name with another extension in one folder: each picture still says which file it is.
+    assert heatmaps.explanation_file_names(["d/000.png", "d/000.jpg"]) == ["000_png.png", "000_jpg.png"]
+    names = heatmaps.explanation_file_names(["d/x.png", "d/x.png"])  # the same path twice
     assert len(set(names)) == 2 and all(name.endswith(".png") for name in names)
 
 
@@ -246,3 +248,46 @@ def test_giving_the_photo_back_to_the_maps_highest_cells_lowers_the_logit_more_t
     print(f"logit drop, map: {np.mean(by_map):.3f}, random cells: {np.mean(at_random):.3f}")
     assert np.mean(by_map) > DELETION_MARGIN * max(np.mean(at_random), 1e-3)
     assert sum(m > r for m, r in zip(by_map, at_random)) >= 8
+
+
+def test_the_drawn_verdict_uses_the_threshold_predict_uses(make_cfg):
+    image = Image.fromarray(rps.make_demo_image(np.random.default_rng(0), True))
+    verdicts = {}
+    for side in ("below", "above"):
+        torch.manual_seed(0)
+        model = rps.build_model(make_cfg(), torch.device("cpu")).eval()
+        p_fake = heatmaps.explain(model, image)[0].p_fake
+        # A THRESHOLD on either side of this image's P(fake), neither of them 0.5.
+        model.config["THRESHOLD"] = p_fake / 2 if side == "below" else (1 + p_fake) / 2
+        explanation = heatmaps.explain(model, image)[0]
+        assert explanation.threshold == rps.decision_threshold(model)[0] == model.config["THRESHOLD"]
+        verdicts[side] = heatmaps.draw_explanation(explanation)._suptitle.get_text()
+    assert verdicts["below"].endswith(f"fake at threshold {p_fake / 2:g}"), verdicts
+    assert verdicts["above"].endswith(f"real at threshold {(1 + p_fake) / 2:g}"), verdicts
+
+
+@pytest.mark.parametrize("use_spectral", [True, False], ids=["spectral", "rine"])
+def test_the_backbone_passes_an_explanation_costs_are_the_ones_announced(make_cfg, use_spectral):
+    torch.manual_seed(0)
+    model = rps.build_model(make_cfg(USE_SPECTRAL=use_spectral), torch.device("cpu")).eval()
+    seen = []
+    hook = model.backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[0]))
+    try:
+        heatmaps.explain(model, Image.fromarray(rps.make_demo_image(np.random.default_rng(0), True)))
+    finally:
+        hook.remove()
+    # Measured on the tiny backbone: images through the backbone for one explained image.
+    assert sum(seen) == heatmaps.backbone_passes_per_image(model) == (1 if use_spectral else 1 + 13 * 13)
+    note = heatmaps.cost_note(model, 2)
+    assert note.startswith("note: ") and ("once more per image" if use_spectral else "170 times per image") in note
+    assert use_spectral or "340 passes for 2 images" in note
+
+
+def test_predict_explain_on_the_cpu_says_what_it_costs_before_it_starts(make_cfg, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = rps.build_model(make_cfg(USE_SPECTRAL=False), torch.device("cpu")).eval()
+    path = tmp_path / "x.png"
+    Image.fromarray(rps.make_demo_image(np.random.default_rng(0), True)).save(path)
+    written = heatmaps.write_explanations(model, [str(path)], tmp_path / "maps", threshold=0.5)
+    assert [p.name for p in written] == ["x_png.png"]
+    assert "note: heatmaps without the spectral branch run the backbone 170 times per image" in capsys.readouterr().err

@@ -7,6 +7,7 @@ guides must also keep the same sections and both show the model as a Mermaid dia
 """
 
 import ast
+import functools
 import re
 
 import pytest
@@ -25,6 +26,9 @@ NOT_CONSTANTS = {
     "HF_HUB_OFFLINE",  # environment variable read by huggingface_hub (no network)
     "CUBLAS_WORKSPACE_CONFIG",  # environment variable set by DETERMINISTIC
     "OMP_NUM_THREADS",  # environment variable: CPU threads per process
+    "CUDA_VISIBLE_DEVICES",  # environment variable: the GPUs a process sees
+    "HF_HOME",  # environment variable read by huggingface_hub (cache folder)
+    "PYTHONPATH",  # environment variable: where Python finds modules
     "CONFIG_NAMES",  # the script's list of constants
     "ARCHITECTURE", "INPUTS", "RUN", "SCORING",  # what a constant affects, in its declare(...)
 }
@@ -97,9 +101,10 @@ def test_every_constant_named_exists(document):
     assert not unknown, f"{path.name} names constants that rine_plus_ssca.py does not have: {unknown}"
 
 
-def test_the_constants_documented_are_found():
-    # The extraction itself must work: the English guide names the main constants.
-    names = constant_like_names(GUIDES[0].read_text(encoding="utf-8"))
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda path: path.name)
+def test_the_constants_documented_are_found(guide):
+    # The extraction itself must work, in Chinese text as in English: each guide names the main constants.
+    names = constant_like_names(guide.read_text(encoding="utf-8"))
     for name in ("PROJ_DIM", "XI", "BLOCKS", "USE_TIE", "SUPCON_TEMPERATURE", "SELECT_METRIC"):
         assert name in names, name
 
@@ -164,8 +169,9 @@ def test_option_values_are_among_the_choices(document):
                 assert value in allowed, f"{path.name}: {value!r} is not a choice of {name} {allowed} in {line!r}"
 
 
-def test_the_options_documented_are_found(help_options):
-    text = GUIDES[0].read_text(encoding="utf-8")
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda path: path.name)
+def test_the_options_documented_are_found(help_options, guide):
+    text = guide.read_text(encoding="utf-8")
     found = {option for line in code_lines(text) for option in OPTION.findall(line)}
     for option in ("--no-use-spectral", "--no-use-tie", "--fusion", "--xi", "--spectral-input", "--lr"):
         assert option in found, option
@@ -196,12 +202,15 @@ def test_chinese_readme_links_to_the_chinese_guide():
 
 # --------------------------------------------------------------------------- quoted messages
 
-MESSAGE_QUOTE = re.compile(r"^(error|warning|note): ")
+# The beginnings of the lines the script prints that the documents quote: errors, warnings, notes, and the
+# lines training and eval print about calibration, the stored threshold and the feature cache.
+MESSAGE_QUOTE = re.compile(r"^(error: |warning: |note: |calibration: |stored threshold |feature cache for )")
+CHINESE = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]")  # CJK characters and full-width punctuation
 SOURCES = [REPO / SCRIPT, *sorted((REPO / "rine_plus_ssca_tools").glob("*.py"))]  # the script and its package
 
 
 def quoted_messages(text):
-    """Lines in code that quote the script's output: they start with error:, warning: or note:."""
+    """Lines in code that quote the script's output: they start as one of its messages does (MESSAGE_QUOTE)."""
     lines = [line.strip() for chunk in code_lines(text) for line in chunk.splitlines()]  # indented fences come as one span
     return [line for line in lines if MESSAGE_QUOTE.match(line)]
 
@@ -273,19 +282,63 @@ def printed_by_the_script(quote, patterns):
     return any(pattern.fullmatch(quote) for pattern in patterns)
 
 
+ELLIPSIS = re.compile(r"(?<![^\s=])\.\.\.(?!\S)")  # "..." alone or after "=": the quote leaves out what stands there
+
+
+@functools.lru_cache(maxsize=None)
+def source_text():
+    return "\n".join(path.read_text(encoding="utf-8") for path in SOURCES)
+
+
+def printed_as_quoted(quote, patterns):
+    """The script prints no Chinese: a quote holding some was translated or made up, whatever a wildcard matches.
+    A quote with '...' standing for computed parts (`note: ... images under ... are in no real/fake folder ...`)
+    must have its other parts, in that order, on one line of the sources ('error: ' is added to every
+    UserError when it is printed)."""
+    if CHINESE.search(quote):
+        return False
+    if not ELLIPSIS.search(quote):  # "..." inside a word, e.g. load_detector(..., clip_model=...), is printed as it is
+        return printed_by_the_script(quote, patterns)
+    for text in {quote, quote.removeprefix("error: ")}:
+        parts = [re.escape(part.strip()) for part in ELLIPSIS.split(text) if part.strip()]
+        if parts and re.search(".*".join(parts), source_text()):
+            return True
+    return False
+
+
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: path.name)
 def test_every_quoted_message_is_one_the_script_prints(path, message_patterns):
     stale = [quote for quote in quoted_messages(path.read_text(encoding="utf-8"))
-             if not printed_by_the_script(quote, message_patterns)]
+             if not printed_as_quoted(quote, message_patterns)]
     assert not stale, f"{path.name} quotes messages that rine_plus_ssca.py does not print (run it, copy the output): {stale}"
 
 
-def test_the_quote_check_tells_current_from_stale_messages(message_patterns):
-    quotes = quoted_messages(GUIDES[0].read_text(encoding="utf-8"))
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda path: path.name)
+def test_the_quote_check_tells_current_from_stale_messages(message_patterns, guide):
+    quotes = quoted_messages(guide.read_text(encoding="utf-8"))
     assert len(quotes) >= 5 and any("non-finite" in quote for quote in quotes)
+    assert any(quote.startswith("calibration: ") for quote in quotes)
     current = ("error: The loss became non-finite (NaN/inf) at epoch 1, step 2. Lower LR (now 1000000.0) or try "
                "--amp off; no checkpoint was written yet.")
     assert printed_by_the_script(current, message_patterns)
     for stale in (current.replace("try --amp off", "try --no-amp"), current.replace("yet.", "yet, sorry."),
                   "error: The loss became NaN at step 2.", "warning: nothing to see here, this text is made up"):
         assert not printed_by_the_script(stale, message_patterns), stale
+
+
+def test_a_log_line_half_translated_into_chinese_is_stale(message_patterns):
+    # The wildcards of a computed message match anything, Chinese included; the check must not let that pass.
+    template = "calibration: temperature T fitted on N validation images; validation ECE before -> after"
+    assert printed_as_quoted(template, message_patterns)
+    half_translated = template.replace("before -> after", "校准前 -> 校准后")
+    assert printed_by_the_script(half_translated, message_patterns)  # what the old check accepted
+    assert not printed_as_quoted(half_translated, message_patterns)
+
+
+def test_a_quote_cut_short_must_start_as_a_message_does(message_patterns):
+    assert printed_as_quoted("error: CUDA ran out of memory at batch size ...", message_patterns)
+    assert printed_as_quoted("warning: possible shortcut: ...", message_patterns)
+    assert not printed_as_quoted("error: CUDA is out of memory ...", message_patterns)
+    assert not printed_as_quoted("warning: possible shortcut 快捷方式 ...", message_patterns)
+    assert printed_as_quoted("note: ... images under ... are in no real/fake folder ...", message_patterns)
+    assert not printed_as_quoted("note: ... images under ... are in no labelled folder ...", message_patterns)

@@ -219,3 +219,36 @@ def test_a_usual_batch_size_gives_no_warning(tmp_path, make_cfg, capsys):
     write_demo_tree(tmp_path / "data", {"train": {"nearest": 2, "bilinear": 2}, "val": {"nearest": 1}}, seed=6)
     rps.prepare_splits(make_cfg(DATA_DIR=str(tmp_path / "data"), BATCH_SIZE=4))
     assert "warning:" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- 11. what a newcomer is told next
+
+def test_check_data_ends_by_saying_why_it_exits_1_on_unreadable_images(tmp_path, capsys):
+    write_demo_tree(tmp_path / "data", {"train": {"nearest": 2}}, seed=5)
+    broken = tmp_path / "data/train/nearest/1_fake/broken.png"
+    broken.write_bytes(b"<html>not an image</html>")
+    code, out, err = main(["check-data", "--data", tmp_path / "data", "--workers", 1], capsys)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: 1 image under ") and "cannot be read" in last and "delete or re-download" in last
+
+
+def test_eval_on_a_folder_without_labels_points_to_predict(tmp_path):
+    write_demo_tree(tmp_path / "photos", {"holiday": {"all": 1}}, label_folders=("a", "b"), seed=5)
+    with pytest.raises(rps.UserError) as error:
+        rps.collect_test_items(tmp_path / "photos")
+    assert "use predict: python rine_plus_ssca.py predict --ckpt CHECKPOINT " + str(tmp_path / "photos") in str(error.value)
+
+
+def test_errors_met_in_python_name_the_python_way_too(tmp_path):
+    # load_detector's user never typed --ckpt: the message must say what to change in the call as well.
+    with pytest.raises(rps.UserError) as error:
+        rps.load_detector(tmp_path / "no_such.pth", device="cpu")
+    assert "load_detector(FILE)" in str(error.value) and "--ckpt" in str(error.value)
+    with pytest.raises(rps.UserError) as error:
+        rps.load_detector(tmp_path, device="cpu")
+    assert "load_detector(FILE)" in str(error.value)
+    with pytest.raises(rps.UserError) as error:
+        rps.check_backbone_matches({"hidden_size": 1024, "num_hidden_layers": 24}, {"hidden_size": 64, "num_hidden_layers": 4},
+                                   "rine.pth", "tiny")
+    assert "clip_model=" in str(error.value) and "--clip-model" in str(error.value)
