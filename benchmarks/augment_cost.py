@@ -10,7 +10,7 @@ measures the CPU time, per view (mean over `--views` seeds, the same seeds for e
   train_both    the same with blur and JPEG on every view (the worst case)
   whole_image   decode + the default augmentation applied to the whole image, as before the window
 and the ratios train/test and whole_image/test. The window gives the same pixels as the whole
-image would (tests/test_shortcuts.py checks it); only the cost differs.
+image would (tests/test_views_and_bias_report.py checks it); only the cost differs.
 """
 
 import argparse

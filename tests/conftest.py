@@ -4,7 +4,10 @@ Everything runs on the CPU, offline, inside pytest's tmp folders: nothing is wri
 repository's data/ or checkpoints/, and no model weights are downloaded.
 """
 
+import contextlib
+import hashlib
 import inspect
+import io
 import os
 import re
 import shutil
@@ -133,6 +136,40 @@ def demo(tmp_path_factory):
     return cwd, result
 
 
+# The layout and length of the run behind `trained_checkpoint`: three generators in test/ (one the training never
+# saw) and two epochs, so the last checkpoint's history has an epoch the best one can be chosen against.
+TRAINED_LAYOUT = {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 6, "bilinear": 6},
+                  "test": {"nearest": 4, "bilinear": 4, "transposed_conv": 4}}
+TRAINED_EPOCHS = 2
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, tiny_backbone):
+    """One small detector trained in this process for the whole test run (~6 s), for every test that only needs
+    "a trained checkpoint": dict(root, cfg: its configuration, best and last: the checkpoints' paths,
+    test_images: root/data/test's images, stdout: what training printed).
+
+    Shared by many modules, so read-only: a test that changes a file, or trains on, copies it first. The end of
+    the test run checks that nothing in its folder was written, added or removed."""
+    root = tmp_path_factory.mktemp("trained_checkpoint")
+    write_demo_tree(root / "data", TRAINED_LAYOUT, seed=1)
+    cfg = small_config(tiny_backbone, DATA_DIR=str(root / "data"), CHECKPOINT_DIR=str(root / "checkpoints"),
+                       EPOCHS=TRAINED_EPOCHS)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        best = Path(rps.train(cfg))
+    written = folder_contents(root)
+    yield dict(root=root, cfg=cfg, best=best, last=best.with_name(rps.LAST_NAME), stdout=printed.getvalue(),
+               test_images=sorted(str(p) for p in (root / "data/test").rglob("*.png")))
+    assert folder_contents(root) == written, "a test changed the shared trained_checkpoint's folder; copy it first"
+
+
+def folder_contents(root):
+    """{relative path: sha256} of every file under root."""
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(Path(root).rglob("*")) if path.is_file()}
+
+
 def run_copied_script(args, cwd, timeout=900):
     """`python rine_plus_ssca.py ARGS` with the copy of the script in cwd (not the repository's), captured."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH="")
@@ -146,8 +183,8 @@ def run_copied_script(args, cwd, timeout=900):
 # as a process: through one of these fixtures (each does so once per module or session), by calling one of
 # these in its own body, or when it is marked @pytest.mark.slow itself.
 SLOW_FIXTURES = {
-    "demo", "run", "trained", "reference", "interrupted", "boundary_reference", "bad_runs", "failures",
-    "group_signalled", "cache_runs", "torchrun_run", "executed", "help_entries", "help_options",
+    "demo", "trained_checkpoint", "run", "trained", "reference", "interrupted", "boundary_reference", "bad_runs",
+    "failures", "group_signalled", "cache_runs", "torchrun_run", "executed", "help_entries", "help_options",
 }
 SLOW_CALLS = re.compile(r"\b(run_script|run_copied_script|run_benchmark|torchrun|train_tiny_checkpoint|rps\.train|"
                         r"subprocess\.|get_context|Run)\(")

@@ -14,23 +14,12 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
-from conftest import REPO, small_config, write_demo_tree
-
-EPOCHS = 2
-LAYOUT = {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 6, "bilinear": 6},
-          "test": {"nearest": 4, "bilinear": 4, "transposed_conv": 4}}
-
+from conftest import REPO, TRAINED_EPOCHS
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_backbone):
-    """Train 2 epochs on a small generated tree (absolute paths, all in tmp)."""
-    root = tmp_path_factory.mktemp("ckpt_run")
-    write_demo_tree(root / "data", LAYOUT, seed=1)
-    cfg = small_config(tiny_backbone, DATA_DIR=str(root / "data"), CHECKPOINT_DIR=str(root / "checkpoints"),
-                       EPOCHS=EPOCHS, BATCH_SIZE=8)
-    best = Path(rps.train(cfg))
-    return dict(root=root, cfg=cfg, best=best, last=best.with_name(rps.LAST_NAME),
-                test_images=sorted(str(p) for p in (root / "data/test").rglob("*.png")))
+def run(trained_checkpoint):
+    """The test run's shared checkpoint: 2 epochs on a small generated tree (absolute paths, all in tmp)."""
+    return trained_checkpoint
 
 
 def is_plain(value):
@@ -75,7 +64,7 @@ def test_last_checkpoint_has_the_whole_history_and_best_follows_the_select_metri
     last = torch.load(run["last"], weights_only=True)
     best = torch.load(run["best"], weights_only=True)
     history = last["history"]
-    assert [m["epoch"] for m in history] == list(range(1, EPOCHS + 1))
+    assert [m["epoch"] for m in history] == list(range(1, TRAINED_EPOCHS + 1))
     # SELECT_METRIC="ap" (the default): highest AP, ties to the lower validation loss, first wins.
     chosen = history[0]
     for metrics in history[1:]:

@@ -1,6 +1,6 @@
 """Evaluation like the papers, inference on your own images, and the pictures.
 
-One tiny checkpoint is trained through the command line for the whole module; every
+The tiny checkpoint shared by the whole test run (conftest's trained_checkpoint) is used throughout; every
 benchmark tree is generated here with make_demo_image, laid out like CNNDetection's test
 set (<gen>/<category>/0_real|1_fake and <gen>/0_real|1_fake), GenImage (<gen>/val/nature|ai)
 and UniversalFakeDetect (fake-only generators with a shared real folder). Every number the
@@ -21,7 +21,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
 from rine_plus_ssca_tools import heatmaps
-from conftest import nonempty_lines, run_script, train_tiny_checkpoint
+from conftest import nonempty_lines, run_script
 
 THRESHOLD = 0.5
 # A value printed with 4 decimals can be off by half a unit in the last place; scores computed in
@@ -169,12 +169,10 @@ def eval_command(ckpt, data, out, *extra, cwd):
 # --------------------------------------------------------------------------- shared fixtures
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_backbone):
-    """One tiny checkpoint trained with the command line, shared by the module (~15 s)."""
-    root = tmp_path_factory.mktemp("eval_train")
-    ckpt, result = train_tiny_checkpoint(root, tiny_backbone, seed=5)
-    assert ckpt.is_file()
-    return dict(root=root, ckpt=ckpt, stdout=result.stdout)
+def trained(trained_checkpoint):
+    """The test run's shared checkpoint (conftest) and what its training printed."""
+    assert trained_checkpoint["best"].is_file()
+    return dict(root=trained_checkpoint["root"], ckpt=trained_checkpoint["best"], stdout=trained_checkpoint["stdout"])
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
 from rine_plus_ssca_tools import protocols
-from conftest import REPO, run_script, train_tiny_checkpoint
+from conftest import REPO, run_script
 
 THRESHOLD = 0.5
 ROUNDED = 5e-5 + 1e-6  # a value printed with 4 decimals
@@ -96,9 +96,9 @@ def assert_row_matches(row, want, tolerance, where):
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_backbone):
-    """One tiny checkpoint trained with the command line (~15 s)."""
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("protocol_train"), tiny_backbone, seed=7)[0]
+def trained(trained_checkpoint):
+    """The path of the test run's shared checkpoint (conftest)."""
+    return trained_checkpoint["best"]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from test_run_ends import WRAPPER
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
              "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "bf16"]
 # AMP given, not "auto": the bf16 backbone path on every CPU, not only where the CPU has bf16 instructions
-# (the float32 path: tests/test_evaluation.py, tests/test_guards.py).
+# (the float32 path: tests/test_evaluation.py, tests/test_readme_promises.py).
 # 2 x 12 images per class: 48 training images, 6 steps of 8 per epoch, every image seen every epoch.
 LAYOUT = {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 4, "bilinear": 4}}
 STEPS_PER_EPOCH = 2 * sum(LAYOUT["train"].values()) // 8

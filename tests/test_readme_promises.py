@@ -9,6 +9,7 @@ import csv
 import errno
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,12 +49,9 @@ def tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tree, tiny_backbone):
-    """One in-process training run (1 epoch, 2 steps): its best checkpoint and configuration."""
-    cfg = small_config(tiny_backbone, DATA_DIR=str(tree), CHECKPOINT_DIR=str(tree.parent / "ckpt"), EPOCHS=1)
-    best = Path(rps.train(cfg))
-    return dict(cfg=cfg, best=best, last=best.with_name(rps.LAST_NAME),
-                test_images=sorted(str(p) for p in (tree / "test").rglob("*.png")))
+def trained(trained_checkpoint):
+    """The test run's shared checkpoint (conftest): its best and last checkpoints, configuration, test images."""
+    return trained_checkpoint
 
 
 # =========================================================================== 1. DDP equals one process
@@ -170,7 +168,9 @@ def test_threshold_changes_eval_accuracy_as_computed_from_the_scores(trained, tm
                                                "--threshold", str(threshold), "--num-workers", "0", "--device", "cpu",
                                                "--out", str(tmp_path)])
     rows = {row[1]: dict(zip(rps.METRIC_COLUMNS, row[2:])) for row in rps.run_eval(args)}
-    for generator in ("nearest", "bilinear"):
+    generators = sorted(folder.name for folder in (Path(trained["cfg"].DATA_DIR) / "test").iterdir())
+    assert len(generators) >= 2 and set(rows) == {*generators, f"mean ({len(generators)} generators)"}
+    for generator in generators:
         real = np.array([s for p, s in scores.items() if f"/{generator}/0_real/" in p])
         fake = np.array([s for p, s in scores.items() if f"/{generator}/1_fake/" in p])
         assert rows[generator]["real_acc"] == pytest.approx((real < threshold).mean())
@@ -220,7 +220,7 @@ def test_resume_refuses_changed_architecture_constants(trained, change):
     same = trained["cfg"]
     model = rps.RINEPlusSSCA(same)
     state = rps.restore_last(trained["last"], same, model, rps.make_optimizer(model, same), scaler)
-    assert (state["epoch"], state["step"]) == (2, 0)
+    assert (state["epoch"], state["step"]) == (same.EPOCHS + 1, 0)  # a finished run resumes after its last epoch
 
 
 def test_resume_with_no_last_checkpoint_is_a_user_error(tmp_path, make_cfg):
@@ -426,8 +426,6 @@ def test_a_write_failing_half_way_keeps_the_old_checkpoint(tmp_path, monkeypatch
 
 
 def test_skipped_column_counts_unreadable_images(trained, tmp_path):
-    import shutil
-
     copy = tmp_path / "test"
     shutil.copytree(Path(trained["cfg"].DATA_DIR) / "test", copy)
     (copy / "nearest/1_fake/broken.png").write_bytes(b"\x89PNG truncated")
@@ -436,7 +434,9 @@ def test_skipped_column_counts_unreadable_images(trained, tmp_path):
     items = rps.collect_test_items(str(copy))
     rows, kept, _, _, _ = rps.evaluate_items(model, items, batch_size=4, num_workers=0)
     skipped = {row[0]: row[1 + rps.METRIC_COLUMNS.index("skipped")] for row in rows}
-    assert skipped == {"nearest": 2, "bilinear": 0, "mean (2 generators)": 2}
+    generators = sorted(folder.name for folder in copy.iterdir())
+    expected = {generator: 2 if generator == "nearest" else 0 for generator in generators}
+    assert skipped == {**expected, f"mean ({len(generators)} generators)": 2}
     assert len(kept) == len(items) - 2
 
 
@@ -533,12 +533,14 @@ def test_a_second_ctrl_c_right_after_a_weight_update_saves_the_position_of_those
     assert (last["resume"]["epoch"], last["resume"]["step"]) == (1, 2)
 
 
-def test_resuming_a_finished_run_says_there_is_nothing_left_to_do(trained, capsys):
-    cfg = small_config(trained["cfg"].CLIP_MODEL, **{**vars(trained["cfg"]), "RESUME": True})
-    before = load(trained["last"])
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_do(trained, tmp_path, capsys):
+    folder = shutil.copytree(Path(trained["cfg"].CHECKPOINT_DIR), tmp_path / "ckpt")  # the shared run stays as it is
+    cfg = small_config(trained["cfg"].CLIP_MODEL, **{**vars(trained["cfg"]), "RESUME": True,
+                                                     "CHECKPOINT_DIR": str(folder)})
+    before = load(folder / rps.LAST_NAME)
     rps.train(cfg)
     out = capsys.readouterr().out
-    assert f"nothing left to do: the run in {cfg.CHECKPOINT_DIR} finished its 1 epoch(s)" in out, out
-    after = load(trained["last"])
+    assert f"nothing left to do: the run in {cfg.CHECKPOINT_DIR} finished its {cfg.EPOCHS} epoch(s)" in out, out
+    after = load(folder / rps.LAST_NAME)
     assert after["epoch"] == before["epoch"] and all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
 

@@ -24,7 +24,7 @@ from conftest import SCRIPT, run_script, small_config, write_demo_tree
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
              "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu", "--amp", "bf16"]
 # AMP given, not "auto": the bf16 backbone path on every CPU, not only where the CPU has bf16 instructions
-# (the float32 path: tests/test_evaluation.py, tests/test_guards.py).
+# (the float32 path: tests/test_evaluation.py, tests/test_readme_promises.py).
 # 48 training images: 6 full batches of 8, so every (image, view) entry is read in every epoch.
 LAYOUT = {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 4, "bilinear": 4}}
 CACHED_RUN = ["--deterministic", "--epochs", "2", "--cache-views", "2", "--seed", "0"]
