@@ -169,9 +169,8 @@ AMP = declare("auto", (RUN, SCORING), 'mixed precision: "auto" (GPU: bf16 if nat
               'backbone where the CPU has bf16 instructions), "bf16", "fp16", "off"', choices=("auto", "bf16", "fp16", "off"))
 NUM_WORKERS = declare(8, RUN, "data-loading processes (capped at the number of CPU cores)", at_least=0)
 SEED = declare(0, RUN, "seeds Python, NumPy and torch: the head's initial weights, the batch order, dropout")
-DATA_SEED = declare(-1, INPUTS, "seeds the validation hold-out and every augmented view; -1 = SEED (--seeds keeps it "
-                    "at the first seed, so that all seeds share the validation images and the feature cache)",
-                    at_least=-1)
+DATA_SEED = declare(0, INPUTS, "seeds the validation hold-out and every augmented view, apart from SEED: runs with "
+                    "other SEEDs see the same images and share the feature cache", at_least=0)
 LOG_EVERY = declare(20, RUN, "steps between progress-bar loss updates (each update syncs with the GPU)", at_least=1)
 
 # --- speed ---
@@ -269,11 +268,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def data_seed(cfg):
-    """The seed of the hold-out split and of the augmented views: DATA_SEED, or SEED when it is -1."""
-    return cfg.SEED if cfg.DATA_SEED < 0 else cfg.DATA_SEED
 
 
 def resolve_device(name):
@@ -1626,8 +1620,8 @@ def prepare_splits(cfg):
         val_items = filter_classes(val_items, cfg.TRAIN_CLASSES) or val_items
         val_source = str(val_dir)
     else:
-        train_items, val_items = stratified_holdout(train_items, cfg.VAL_FRACTION, data_seed(cfg))
-        val_source = f"a {cfg.VAL_FRACTION:.0%} stratified hold-out of {train_dir} (seed {data_seed(cfg)})"
+        train_items, val_items = stratified_holdout(train_items, cfg.VAL_FRACTION, cfg.DATA_SEED)
+        val_source = f"a {cfg.VAL_FRACTION:.0%} stratified hold-out of {train_dir} (DATA_SEED {cfg.DATA_SEED})"
     for name, split in (("train", train_items), ("validation", val_items)):
         rows = count_table(split)
         print(f"\n{name} images ({val_source if name == 'validation' else train_dir}):")
@@ -1637,7 +1631,7 @@ def prepare_splits(cfg):
             missing = "real (0_real/real/nature)" if real == 0 else "fake (1_fake/fake/ai)"
             raise UserError(f"The {name} set has no {missing} images; a detector needs both classes. "
                             f"Add a folder of {missing.split(' ')[0]} images next to the other one.")
-    print_shortcut_warnings(train_items, cfg.CROP_SIZE, data_seed(cfg))
+    print_shortcut_warnings(train_items, cfg.CROP_SIZE, cfg.DATA_SEED)
     if cfg.BATCH_SIZE == 1 and cfg.XI > 0:
         print("warning: BATCH_SIZE=1: SupCon needs two images of a class in a batch, so its term is always 0. "
               "Use --batch-size 2 or more (RINE: 128), or --xi 0 to train without it.")
@@ -1785,7 +1779,6 @@ def feature_cache_folder(split_name, items, cfg, backbone, n_views):
     """The cache folder of one split, named by a digest of everything its entries depend on (reads every file's size and time)."""
     digest = hashlib.sha256(backbone_fingerprint(backbone).encode())
     constants = {name: getattr(cfg, name) for name in INPUT_CONSTANTS}
-    constants["DATA_SEED"] = data_seed(cfg)  # -1 means SEED: key on the seed actually used
     digest.update(json.dumps([CACHE_FORMAT, split_name, n_views, constants], sort_keys=True).encode())
     for path, label, _ in items:
         stat = os.stat(path)
@@ -3261,7 +3254,7 @@ def open_training_data(cfg, train_items, val_items, backbone, procs):
     sampler = SeededEpochSampler(len(train_items), cfg.SEED, cfg.BATCH_SIZE,
                                  drop_last=len(train_items) > cfg.BATCH_SIZE,
                                  n_views=cfg.CACHE_VIEWS if cfg.CACHE_FEATURES else None, rank=rank,
-                                 world_size=world_size, view_seed=data_seed(cfg))
+                                 world_size=world_size, view_seed=cfg.DATA_SEED)
     train_loader = make_loader(train_items, cfg, train=True, device=procs.device, sampler=sampler, cache=train_cache,
                                batch_size=cfg.BATCH_SIZE // world_size)
     val_loader = make_loader(val_items[rank::world_size], cfg, train=False, device=procs.device, cache=val_cache)
@@ -3509,18 +3502,20 @@ def train_seeds(cfg, seeds):
     """Train the configuration once per seed, each in CHECKPOINT_DIR/seed_<n>; print the validation metrics of
     each best checkpoint and their mean +- std. Returns the best checkpoints' paths.
 
-    Only SEED changes (the head's initial weights, the batch order, dropout): DATA_SEED stays at the first
-    seed, so every run validates on the same images and reads the same cached tokens (CACHE_DIR is shared).
+    Only SEED changes (the head's initial weights, the batch order, dropout); DATA_SEED stays, so every run
+    validates on the same images and reads the same cached tokens (CACHE_DIR is shared).
     """
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds takes distinct seeds, e.g. 0,1,2 (got {seeds}).")
     base = Path(cfg.CHECKPOINT_DIR)
-    shared = dict(DATA_SEED=data_seed(SimpleNamespace(SEED=seeds[0], DATA_SEED=cfg.DATA_SEED)),
-                  CACHE_DIR=cfg.CACHE_DIR or str(base / "cache"))
+    shared = dict(CACHE_DIR=cfg.CACHE_DIR or str(base / "cache"))
     best_paths, seconds = [], []
     for seed in seeds:
         print(f"\n=== seed {seed} ({len(best_paths) + 1} of {len(seeds)}), in {base / f'seed_{seed}'}")
         run_cfg = SimpleNamespace(**{**vars(cfg), **shared, "SEED": seed, "CHECKPOINT_DIR": str(base / f"seed_{seed}")})
+        if cfg.RESUME and not (Path(run_cfg.CHECKPOINT_DIR) / LAST_NAME).exists():
+            print(f"note: no {LAST_NAME} in {run_cfg.CHECKPOINT_DIR} to resume; seed {seed} starts from the beginning")
+            run_cfg.RESUME = False  # --resume after a stop: the seeds not reached yet start from scratch
         started = time.time()
         best_paths.append(train(run_cfg))
         seconds.append(time.time() - started)

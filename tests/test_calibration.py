@@ -440,13 +440,13 @@ def test_eval_uncalibrated_reports_the_raw_p(run, capsys):
     assert stdout.count("P(fake) is raw, sigmoid(logit), not calibrated") == 1
     paths = run["test_images"]
     raw = dict(zip(paths, rps.predict(rps.load_detector(run["best"], device="cpu", calibrated=False), paths)))
-    rows = {row["generator"]: row for row in csv.DictReader(open(out / "eval_test.csv"))}
+    rows = {row["generator"]: row for row in csv.DictReader(open(out / "eval_test_uncalibrated.csv"))}  # named so
     chosen = [p for p in paths if "/transposed_conv/" in p]
     expected = rps.expected_calibration_error([int("/1_fake/" in p) for p in chosen], [raw[p] for p in chosen])
     assert abs(float(rows["transposed_conv"]["bin_ece"]) - expected) <= 5e-5 + 1e-6
     threshold = run["calibration"]["fpr_threshold_raw"]  # the stored threshold's twin on the raw scale
     assert f"stored threshold {threshold:.4g} (TARGET_FPR 0.1" in stdout
-    assert (out / "eval_test_reliability.png").is_file()
+    assert (out / "eval_test_uncalibrated_reliability.png").is_file()
 
 
 # --------------------------------------------------------------------------- 6. checkpoints with and without

@@ -328,7 +328,7 @@ def test_the_quote_check_tells_current_from_stale_messages(message_patterns, gui
 
 def test_a_log_line_half_translated_into_chinese_is_stale(message_patterns):
     # The wildcards of a computed message match anything, Chinese included; the check must not let that pass.
-    template = "calibration: temperature T fitted on N validation images; validation ECE before -> after"
+    template = "calibration: temperature T fitted on N validation images; validation binary ECE over P(fake) before -> after"
     assert printed_as_quoted(template, message_patterns)
     half_translated = template.replace("before -> after", "校准前 -> 校准后")
     assert printed_by_the_script(half_translated, message_patterns)  # what the old check accepted

@@ -14,6 +14,10 @@ from conftest import nonempty_lines, run_script, small_config, write_demo_tree
 SEEDS = [0, 1, 2]
 
 
+def cfg_data_seed():
+    return rps.default_config().DATA_SEED
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -52,7 +56,7 @@ def test_seeds_train_distinct_checkpoints_sharing_validation_and_cache(seeds_run
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert any(not torch.equal(states[a][k], states[b][k]) for k in states[a]), (a, b)
     configs = [rps.checkpoint_config(rps.read_checkpoint(p)) for p in paths]
-    assert [c["SEED"] for c in configs] == SEEDS and {c["DATA_SEED"] for c in configs} == {0}
+    assert [c["SEED"] for c in configs] == SEEDS and {c["DATA_SEED"] for c in configs} == {cfg_data_seed()}
     caches = sorted(p.name.split("-")[0] for p in (root / "runs" / "cache").iterdir())
     assert caches == ["train", "val"]  # one cache of each split, shared by the three seeds
     # The summary printed at the end is the mean and std of each checkpoint's validation metrics.
@@ -164,3 +168,17 @@ def test_compare_refuses_other_images_or_protocols_in_one_line(evaluated_seeds, 
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     checkpoint = compare(["--a", scores, "--b", out.parent / "runs" / "seed_0" / rps.BEST_NAME], tmp_path)
     assert checkpoint.returncode == 1 and "give --data" in checkpoint.stderr, checkpoint.stderr
+
+
+@pytest.mark.slow
+def test_resuming_seeds_finishes_the_finished_ones_at_once_and_starts_the_rest(seeds_run, tiny_backbone, capsys):
+    root = seeds_run["root"]
+    before = {p: p.stat().st_mtime_ns for p in seeds_run["paths"]}
+    cfg = small_config(tiny_backbone, DATA_DIR=str(root / "data"), CHECKPOINT_DIR=str(root / "runs"), EPOCHS=1,
+                       VAL_CLASSES="nearest", CACHE_FEATURES=True, CACHE_VIEWS=1, RESUME=True)
+    paths = rps.train_seeds(cfg, SEEDS + [7])
+    out = capsys.readouterr().out
+    assert paths[:3] == seeds_run["paths"] and all(p.stat().st_mtime_ns == before[p] for p in paths[:3])
+    assert out.count("nothing left to do") == 3
+    assert f"note: no {rps.LAST_NAME} in {root / 'runs' / 'seed_7'} to resume; seed 7 starts from the beginning" in out
+    assert paths[3].is_file() and rps.checkpoint_config(rps.read_checkpoint(paths[3]))["SEED"] == 7

@@ -167,11 +167,11 @@ def test_no_default_path_validates_on_the_test_folder(tmp_path, make_cfg):
 def test_data_seed_fixes_the_hold_out_and_the_views_apart_from_seed(tmp_path, make_cfg):
     write_demo_tree(tmp_path, {"train": {"bilinear": 10}}, seed=0)
     splits = {}
-    for seed, data_seed in ((0, -1), (1, -1), (1, 0), (2, 0)):
+    for seed, data_seed in ((0, 0), (1, 0), (2, 0), (0, 1)):
         _, val = rps.prepare_splits(make_cfg(DATA_DIR=str(tmp_path), SEED=seed, DATA_SEED=data_seed, VAL_FRACTION=0.3))
         splits[(seed, data_seed)] = sorted(item[0] for item in val)
-    assert splits[(1, 0)] == splits[(2, 0)] == splits[(0, -1)]  # DATA_SEED=0 everywhere, whatever SEED
-    assert splits[(1, -1)] != splits[(0, -1)]  # -1 follows SEED, as before DATA_SEED existed
+    assert splits[(0, 0)] == splits[(1, 0)] == splits[(2, 0)]  # the same validation images, whatever SEED
+    assert splits[(0, 1)] != splits[(0, 0)]  # DATA_SEED draws them
     a = rps.SeededEpochSampler(20, seed=1, batch_size=4, drop_last=True, view_seed=7)
     b = rps.SeededEpochSampler(20, seed=2, batch_size=4, drop_last=True, view_seed=7)
     views_a, views_b = {i: v for i, v, _ in a}, {i: v for i, v, _ in b}
