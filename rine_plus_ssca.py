@@ -220,6 +220,7 @@ CHECKPOINT_FORMAT = 4  # bumped when the checkpoint layout or the model's functi
 READABLE_FORMATS = (3, 4)  # format 3 held every constant in one "config"; read_checkpoint splits it as format 4 does
 BEST_NAME = "best_rine_plus_ssca.pth"
 LAST_NAME = "last_rine_plus_ssca.pth"
+LOSS_LOG_NAME = "train_log.csv"
 
 # CLIP's preprocessing constants, so nothing has to be downloaded to normalise an image.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -2434,18 +2435,22 @@ def _pyplot():
     return plt
 
 
-def plot_training_curves(history, path):
-    """Loss terms and validation accuracy/AP per epoch."""
+def plot_training_curves(history, loss_rows, steps_per_epoch, path):
+    """Left: the training losses by step (train_log.csv) and the validation BCE at each epoch's end; right:
+    validation accuracy, AP and AUC per epoch. Markers and line styles differ, so equal curves stay visible."""
     plt = _pyplot()
-    epochs = [m["epoch"] for m in history]
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_bce", "train BCE / image"), ("train_supcon", "train SupCon"), ("val_bce", "val BCE / image")):
-        loss_axis.plot(epochs, [m[key] for m in history], marker="o", label=label)
-    loss_axis.set(xlabel="epoch", ylabel="loss", title="losses")
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [row["run_step"] for row in loss_rows]
+    loss_axis.plot(steps, [row["train_bce"] for row in loss_rows], "-", label="train BCE / image")
+    loss_axis.plot(steps, [row["train_supcon"] for row in loss_rows], "--", label="train SupCon")
+    loss_axis.plot([m["epoch"] * steps_per_epoch for m in history], [m["val_bce"] for m in history], "ko:",
+                   label="val BCE / image (epoch end)")
+    loss_axis.set(xlabel="step", ylabel="loss", title="losses")
     loss_axis.legend()
-    for key in ("acc", "ap", "auc"):
-        metric_axis.plot(epochs, [m[key] for m in history], marker="o", label=f"val {key}")
-    metric_axis.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
+    epochs = [m["epoch"] for m in history]
+    for (key, style) in (("acc", "o-"), ("ap", "s--"), ("auc", "^:")):
+        metric_axis.plot(epochs, [m[key] for m in history], style, label=f"val {key}", alpha=0.8)
+    metric_axis.set(xlabel="epoch", ylim=(0, 1.02), title="validation", xticks=epochs)
     metric_axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -2921,6 +2926,11 @@ def save_last(path, learner, progress, config):
     atomic_torch_save(checkpoint, path)
 
 
+# Settings a resumed run may change without a word: more epochs, and where and how fast it runs.
+RESUMABLE_CHANGES = {"RESUME", "EPOCHS", "CHECKPOINT_DIR", "CACHE_DIR", "DEVICE", "NUM_WORKERS", "LOG_EVERY",
+                     "SAVE_EVERY_STEPS"}
+
+
 def restore_last(path, cfg, model, optimizer, scaler):
     """Load a last checkpoint into model, optimizer, scaler and RNG; returns its resume state."""
     if not Path(path).exists():
@@ -2933,6 +2943,12 @@ def restore_last(path, cfg, model, optimizer, scaler):
     if changed:
         raise UserError(f"Can't resume: {', '.join(changed)} differ from the run in {path}. Use the same values, "
                         "or a new CHECKPOINT_DIR for a new run.")
+    run = checkpoint["run_config"]
+    differing = [f"{name} {run[name]!r} -> {getattr(cfg, name)!r}" for name in run
+                 if name in CONSTANTS and name not in RESUMABLE_CHANGES and run[name] != getattr(cfg, name)]
+    if differing:
+        print(f"warning: --resume with settings other than the run's: {', '.join(differing)}. Training goes on with "
+              "the new values; for the run it would have been, pass the values it started with.")
     load_trainable_weights(model, checkpoint["model"], path)
     state = checkpoint["resume"]
     optimizer.load_state_dict(state["optimizer"])
@@ -3214,6 +3230,50 @@ class Progress:
         self.epoch, self.step, self.sums = self.epoch + 1, 0, torch.zeros_like(self.sums)
 
 
+class LossLog:
+    """CHECKPOINT_DIR/train_log.csv: one row every LOG_EVERY steps (and at each save and epoch end) with the
+    mean losses per image since the row before, to open in a spreadsheet or draw by step. A resumed run
+    drops the rows written after its checkpoint, so the log reads as if the run had never stopped. Under
+    torchrun the rows hold process 0's share of each batch."""
+
+    COLUMNS = ["epoch", "step", "run_step", "images", "lr", "train_bce", "train_supcon"]
+
+    def __init__(self, path, progress, resumed, rank):
+        self.path, self.rank = Path(path), rank
+        self.epoch, self.written = progress.epoch, progress.sums.clone()  # the epoch's sums at the last row
+        if rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resumed and self.path.exists():
+            with open(self.path, newline="") as f:
+                kept = [row for row in csv.reader(f)][1:]
+            kept = [row for row in kept if (int(row[0]), int(row[1])) <= (progress.epoch, progress.step)]
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows([self.COLUMNS] + kept)
+
+    def write(self, progress, steps_per_epoch, lr):
+        """A row for the steps since the last one, if any."""
+        if progress.epoch != self.epoch:  # the sums start again at 0 each epoch
+            self.epoch, self.written = progress.epoch, torch.zeros_like(progress.sums)
+        since = (progress.sums - self.written).tolist()
+        self.written = progress.sums.clone()
+        if self.rank != 0 or since[2] == 0:
+            return
+        run_step = (progress.epoch - 1) * steps_per_epoch + progress.step
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([progress.epoch, progress.step, run_step, int(since[2]), lr,
+                                    repr(since[0] / since[2]), repr(since[1] / since[2])])
+
+
+def read_loss_log(path):
+    """train_log.csv's rows as dicts of numbers ([] when there is none)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def start_or_resume(cfg, learner):
     """Epoch 1, step 0; or (--resume) where the last checkpoint stopped, with its weights, optimizer and RNG."""
     if not cfg.RESUME:
@@ -3323,7 +3383,7 @@ class NonfiniteWatch:
             raise nonfinite_error(epoch, int(self.first_step.item()), cfg, Path(cfg.CHECKPOINT_DIR) / LAST_NAME)
 
 
-def train_epoch(progress, learner, data, cfg, procs, stop):
+def train_epoch(progress, learner, data, cfg, procs, stop, loss_log):
     """The training steps of the epoch under way, from progress.step on (0, or where a resumed run stopped).
 
     Between steps: the last checkpoint every SAVE_EVERY_STEPS steps, and the end of the run when a stop
@@ -3355,11 +3415,13 @@ def train_epoch(progress, learner, data, cfg, procs, stop):
             nonfinite.check(epoch, cfg, procs.world_size)
             bce_avg, supcon_avg = progress.mean_losses()
             batches.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
+            loss_log.write(progress, data.sampler.batches_per_epoch(), learner.optimizer.param_groups[0]["lr"])
         if at_save_step and procs.rank == 0:
             save_last(Path(cfg.CHECKPOINT_DIR) / LAST_NAME, learner, progress, cfg)
         end_run_if_asked([data.train_bad], stop, procs.control_group)
     batches.close()
     nonfinite.check(epoch, cfg, procs.world_size)
+    loss_log.write(progress, data.sampler.batches_per_epoch(), learner.optimizer.param_groups[0]["lr"])
     if procs.world_size > 1:
         torch.distributed.all_reduce(progress.sums)  # losses of the whole global batch
         for buffer in learner.model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
@@ -3393,9 +3455,10 @@ def print_epoch(metrics, started, marker):
           f"auc {metrics['auc']:.4f} ({time.time() - started:.0f} s){marker}")
 
 
-def report_interruption(progress, learner, cfg, rank, stop):
+def report_interruption(progress, learner, cfg, rank, stop, loss_log, steps_per_epoch):
     """After Ctrl-C or SIGTERM: save the position reached, and the RunInterrupted that says how to continue."""
     last_path = Path(cfg.CHECKPOINT_DIR) / LAST_NAME
+    loss_log.write(progress, steps_per_epoch, learner.optimizer.param_groups[0]["lr"])  # the log ends where the checkpoint does
     if rank == 0:
         save_last(last_path, learner, progress, cfg)
     return stop.interruption((progress.epoch, progress.step), last_path)
@@ -3416,9 +3479,11 @@ def report_training(progress, model, data, cfg, procs):
     print_block_importance(model)
     checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
     if procs.rank == 0:
-        plot_training_curves(progress.history, checkpoint_dir / "training_curves.png")
+        plot_training_curves(progress.history, read_loss_log(checkpoint_dir / LOSS_LOG_NAME),
+                             data.sampler.batches_per_epoch(), checkpoint_dir / "training_curves.png")
         plot_block_importance(model, checkpoint_dir / "tie_block_importance.png")
-    print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}")
+    print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}; "
+          f"losses every {cfg.LOG_EVERY} steps: {checkpoint_dir / LOSS_LOG_NAME}")
     print(f"\nvalidation, every epoch (train losses per image; best by {cfg.SELECT_METRIC} saved to "
           f"{checkpoint_dir / BEST_NAME}):")
     print(format_table(HISTORY_COLUMNS, [history_row(m) for m in progress.history]))
@@ -3470,11 +3535,12 @@ def train(cfg):
     data = open_training_data(cfg, train_items, val_items, model.backbone, procs)
     best_path, last_path = Path(cfg.CHECKPOINT_DIR) / BEST_NAME, Path(cfg.CHECKPOINT_DIR) / LAST_NAME
     provenance()  # worked out now (it reads the source and asks git), so that saving on the way out stays quick
+    loss_log = LossLog(Path(cfg.CHECKPOINT_DIR) / LOSS_LOG_NAME, progress, cfg.RESUME, procs.rank)
     with GracefulStop() as stop:
         try:
             while progress.epoch <= cfg.EPOCHS:
                 started = time.time()
-                train_epoch(progress, learner, data, cfg, procs, stop)
+                train_epoch(progress, learner, data, cfg, procs, stop, loss_log)
                 metrics, val_labels, val_logits = validate(progress, learner, data, cfg, procs)
                 best = is_better(cfg.SELECT_METRIC, metrics, progress.best_metrics)
                 calibration = calibration_record(val_labels, val_logits, cfg.TARGET_FPR) if best else None
@@ -3489,7 +3555,8 @@ def train(cfg):
                 print_epoch(metrics, started, f"  <- best {cfg.SELECT_METRIC}, saved {best_path}" if best else "")
                 end_run_if_asked([], stop, procs.control_group)
         except KeyboardInterrupt:
-            raise report_interruption(progress, learner, cfg, procs.rank, stop)
+            raise report_interruption(progress, learner, cfg, procs.rank, stop, loss_log,
+                                      data.sampler.batches_per_epoch())
         except torch.cuda.OutOfMemoryError:
             raise out_of_memory_error(cfg)
         finally:

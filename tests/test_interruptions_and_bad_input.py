@@ -187,6 +187,9 @@ def test_killed_run_resumes_to_the_same_checkpoint(reference, tmp_path):
         assert got["epoch"] == expected["epoch"], name
         assert got.get("calibration") == expected.get("calibration"), name  # best: fitted on the same logits
     assert [m["epoch"] for m in load(last)["history"]] == [1, 2]
+    # The per-step loss log drops what was written after the checkpoint: it reads as the uninterrupted run's.
+    log = (tmp_path / "ckpt" / rps.LOSS_LOG_NAME).read_text()
+    assert log == (reference_dir / rps.LOSS_LOG_NAME).read_text() and log.count("\n") > 4, log
 
 
 def test_two_deterministic_runs_are_identical_and_record_provenance(reference):

@@ -544,3 +544,16 @@ def test_resuming_a_finished_run_says_there_is_nothing_left_to_do(trained, tmp_p
     after = load(folder / rps.LAST_NAME)
     assert after["epoch"] == before["epoch"] and all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
 
+
+
+def test_resuming_with_other_settings_says_which_and_goes_on(trained, tmp_path, capsys):
+    # The README asks for the same options as before; a changed batch size or learning rate is named, once.
+    folder = shutil.copytree(Path(trained["cfg"].CHECKPOINT_DIR), tmp_path / "ckpt")
+    cfg = small_config(trained["cfg"].CLIP_MODEL, **{**vars(trained["cfg"]), "RESUME": True, "CHECKPOINT_DIR": str(folder),
+                                                     "BATCH_SIZE": trained["cfg"].BATCH_SIZE * 2, "LR": 0.01,
+                                                     "NUM_WORKERS": 1})
+    rps.train(cfg)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: --resume")]
+    assert len(warnings) == 1, warnings
+    assert f"BATCH_SIZE {trained['cfg'].BATCH_SIZE} -> {cfg.BATCH_SIZE}" in warnings[0] and "LR 0.001 -> 0.01" in warnings[0]
+    assert "NUM_WORKERS" not in warnings[0] and "CHECKPOINT_DIR" not in warnings[0]  # where and how fast: no word

@@ -182,3 +182,19 @@ def test_resuming_seeds_finishes_the_finished_ones_at_once_and_starts_the_rest(s
     assert out.count("nothing left to do") == 3
     assert f"note: no {rps.LAST_NAME} in {root / 'runs' / 'seed_7'} to resume; seed 7 starts from the beginning" in out
     assert paths[3].is_file() and rps.checkpoint_config(rps.read_checkpoint(paths[3]))["SEED"] == 7
+
+
+@pytest.mark.slow
+def test_the_loss_log_covers_every_image_and_averages_to_the_epochs_losses(seeds_run):
+    folder = seeds_run["paths"][0].parent
+    rows = rps.read_loss_log(folder / rps.LOSS_LOG_NAME)
+    history = rps.read_checkpoint(folder / rps.LAST_NAME)["history"]
+    assert rows and [int(r["run_step"]) for r in rows] == sorted({int(r["run_step"]) for r in rows})
+    for metrics in history:
+        epoch_rows = [r for r in rows if r["epoch"] == metrics["epoch"]]
+        images = sum(r["images"] for r in epoch_rows)
+        assert images == 12 * 2  # every training image of the epoch (12 real + 12 fake bilinear; nearest validates)
+        for column in ("train_bce", "train_supcon"):
+            mean = sum(r[column] * r["images"] for r in epoch_rows) / images
+            assert mean == pytest.approx(metrics[column], rel=1e-5), column
+    assert (folder / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
