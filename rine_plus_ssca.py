@@ -146,6 +146,9 @@ SELECT_METRIC = declare("ap", RUN, 'validation metric that picks the best epoch:
 THRESHOLD = declare(0.5, (RUN, SCORING), "P(fake) at or above which an image is called fake", at_least=0, at_most=1)
 TARGET_FPR = declare(0.0, RUN, "false-positive rate on validation reals for the stored threshold predict uses; 0 = off "
                      "(0.01-0.1)", at_least=0, below=1)
+CALIBRATION_FRACTION = declare(0.0, RUN, "share of the validation images kept apart from choosing the best epoch "
+                               "(seeded, stratified): the temperature and the TARGET_FPR threshold are fitted on them "
+                               "alone; 0 = the same validation images do both", at_least=0, below=1)
 
 # --- crops and augmentation (what the images look like when they reach the model) ---
 CROP_SIZE = declare(224, (ARCHITECTURE, INPUTS), "crop side in pixels; images are cropped, never resized (resizing "
@@ -1587,6 +1590,14 @@ class BadImageLog:
                             "check-data --data DIR` to list them, then remove or re-download them.")
 
 
+def calibration_items(val_items, cfg):
+    """The validation images kept apart for the temperature and the threshold: a seeded, stratified
+    CALIBRATION_FRACTION of them ([] when it is 0)."""
+    if cfg.CALIBRATION_FRACTION == 0:
+        return []
+    return stratified_holdout(val_items, cfg.CALIBRATION_FRACTION, cfg.DATA_SEED)[1]
+
+
 def prepare_splits(cfg):
     """(train_items, val_items) from DATA_DIR, with counts printed and mistakes explained."""
     data_dir = Path(cfg.DATA_DIR)
@@ -1632,6 +1643,16 @@ def prepare_splits(cfg):
             missing = "real (0_real/real/nature)" if real == 0 else "fake (1_fake/fake/ai)"
             raise UserError(f"The {name} set has no {missing} images; a detector needs both classes. "
                             f"Add a folder of {missing.split(' ')[0]} images next to the other one.")
+    if cfg.CALIBRATION_FRACTION > 0:
+        kept_apart = calibration_items(val_items, cfg)
+        labels = [label for _, label, _ in kept_apart]
+        if 0 not in labels or 1 not in labels:
+            raise UserError(f"CALIBRATION_FRACTION={cfg.CALIBRATION_FRACTION} keeps {labels.count(0)} real and "
+                            f"{labels.count(1)} fake validation images apart for the calibration; it needs both. Raise "
+                            "it, add validation images, or set it to 0.")
+        print(f"calibration: {len(kept_apart)} of the {len(val_items)} validation images ({labels.count(0)} real, "
+              f"{labels.count(1)} fake) are kept apart from choosing the best epoch; the temperature and the "
+              "threshold are fitted on them")
     print_shortcut_warnings(train_items, cfg.CROP_SIZE, cfg.DATA_SEED)
     if cfg.BATCH_SIZE == 1 and cfg.XI > 0:
         print("warning: BATCH_SIZE=1: SupCon needs two images of a class in a batch, so its term is always 0. "
@@ -3030,15 +3051,16 @@ def on_rank_zero(compute, rank, control_group):
     return value
 
 
-def gather_scores(indices, labels, probs, logits, bce_sum, world_size):
-    """Validation results of all processes, concatenated (identity in a single process)."""
+def gather_scores(arrays, bce_sum, world_size):
+    """Validation results of all processes: each array concatenated, the BCE sums added (identity in one process)."""
     if world_size == 1:
-        return indices, labels, probs, logits, bce_sum
+        return arrays, bce_sum
     import torch.distributed as dist
 
     gathered = [None] * world_size
-    dist.all_gather_object(gathered, (indices, labels, probs, logits, bce_sum))
-    return tuple(np.concatenate([g[i] for g in gathered]) for i in range(4)) + (sum(g[4] for g in gathered),)
+    dist.all_gather_object(gathered, (arrays, bce_sum))
+    return (tuple(np.concatenate([g[0][i] for g in gathered]) for i in range(len(arrays))),
+            sum(g[1] for g in gathered))
 
 
 class GracefulStop:
@@ -3304,6 +3326,7 @@ class TrainingData(NamedTuple):
     val_bad: BadImageLog
     train_cache: FeatureCache = None
     val_cache: FeatureCache = None
+    calibration_paths: frozenset = frozenset()  # validation images kept for the calibration (CALIBRATION_FRACTION)
 
 
 def open_training_data(cfg, train_items, val_items, backbone, procs):
@@ -3322,7 +3345,7 @@ def open_training_data(cfg, train_items, val_items, backbone, procs):
                         BadImageLog("training", train_loader.dataset.paths, cfg.MAX_BAD_FRACTION),
                         BadImageLog("validation", val_loader.dataset.paths, cfg.MAX_BAD_FRACTION,
                                     n_images=len(val_items)),
-                        train_cache, val_cache)
+                        train_cache, val_cache, frozenset(path for path, _, _ in calibration_items(val_items, cfg)))
 
 
 def open_caches(cfg, train_items, val_items, backbone, procs):
@@ -3430,15 +3453,24 @@ def train_epoch(progress, learner, data, cfg, procs, stop, loss_log):
 
 def validate(progress, learner, data, cfg, procs):
     """Score the validation split (every process's share, gathered) after the epoch's steps; returns the epoch's
-    metrics (at temperature 1, the raw P(fake)) and the validation labels and raw logits, for the calibration."""
+    metrics (at temperature 1, the raw P(fake)) and the labels and raw logits the calibration is fitted on (all
+    validation images, or with CALIBRATION_FRACTION the share kept apart, which the metrics leave out)."""
     n_seen = max(progress.sums[2].item(), 1.0)
     indices, labels, probs, logits, val_bce_sum, bad = score_loader(learner.model, data.val_loader, learner.device,
                                                                     learner.amp_dtype, data.val_cache)
     data.val_bad.add(bad)
     end_run_if_asked([data.val_bad], control_group=procs.control_group)
-    indices, labels, probs, logits, val_bce_sum = gather_scores(indices, labels, probs, logits, val_bce_sum,
-                                                                procs.world_size)
+    for_calibration = np.array([data.val_loader.dataset.paths[i] in data.calibration_paths for i in indices], dtype=bool)
+    (labels, probs, logits, for_calibration), val_bce_sum = gather_scores((labels, probs, logits, for_calibration),
+                                                                          val_bce_sum, procs.world_size)
     flush_caches(data)
+    calibration_part = (labels[for_calibration], logits[for_calibration])
+    if for_calibration.any():  # the best epoch is chosen on the other images only
+        labels, probs, logits = labels[~for_calibration], probs[~for_calibration], logits[~for_calibration]
+        clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+        val_bce_sum = float(-np.sum(np.where(labels == 1, np.log(clipped), np.log1p(-clipped))))
+    else:
+        calibration_part = (labels, logits)
     metrics = binary_metrics(labels, probs, cfg.THRESHOLD, strict=scores_as_rine(cfg))
     metrics.update(epoch=progress.epoch, train_bce=progress.sums[0].item() / n_seen,
                    train_supcon=progress.sums[1].item() / n_seen, val_bce=val_bce_sum / max(len(labels), 1),
@@ -3446,7 +3478,7 @@ def validate(progress, learner, data, cfg, procs):
     if data.train_bad.bad or data.val_bad.bad:
         print(f"epoch {progress.epoch}: {len(data.train_bad.bad)} unreadable training and {len(data.val_bad.bad)} "
               "validation images skipped")
-    return metrics, labels, logits
+    return metrics, *calibration_part
 
 
 def print_epoch(metrics, started, marker):

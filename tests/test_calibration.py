@@ -490,3 +490,28 @@ def test_target_fpr_outside_0_1_is_one_line_error(value, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: TARGET_FPR={float(value)} must be at least 0 and below 1")
+
+
+@pytest.mark.slow
+def test_a_calibration_share_fits_the_temperature_and_threshold_apart_from_choosing_the_epoch(tmp_path, tiny_backbone):
+    write_demo_tree(tmp_path / "data", {"train": {"nearest": 12, "bilinear": 12}, "val": {"nearest": 8, "bilinear": 8}},
+                    seed=9)
+    cfg = small_config(tiny_backbone, DATA_DIR=str(tmp_path / "data"), CHECKPOINT_DIR=str(tmp_path / "ckpt"), EPOCHS=2,
+                       CALIBRATION_FRACTION=0.5, TARGET_FPR=0.2)
+    rps.train(cfg)
+    best = rps.read_checkpoint(tmp_path / "ckpt" / rps.BEST_NAME)
+    _, val_items = rps.prepare_splits(cfg)
+    kept_apart = rps.calibration_items(val_items, cfg)
+    selection = [item for item in val_items if item not in kept_apart]
+    assert len(kept_apart) == 16 and {label for _, label, _ in kept_apart} == {0, 1}
+    # The epoch's metrics count the selection images only; the calibration counts the others only.
+    assert (best["metrics"]["n_real"], best["metrics"]["n_fake"]) == (8, 8)
+    assert best["calibration"]["n_images"] == 16
+    model = rps.load_detector(tmp_path / "ckpt" / rps.BEST_NAME, device="cpu", calibrated=False)
+    _, kept, labels, probs, logits = rps.evaluate_items(model, kept_apart, batch_size=8, num_workers=0)
+    temperature, _ = rps.fit_temperature(logits, labels)
+    assert best["calibration"]["temperature"] == pytest.approx(temperature, rel=1e-6)
+    reals = rps.probabilities_from_logits(logits[labels == 0], temperature)
+    assert best["calibration"]["fpr_threshold"] == pytest.approx(rps.threshold_for_fpr(reals, 0.2), rel=1e-6)
+    _, _, selection_labels, selection_probs, _ = rps.evaluate_items(model, selection, batch_size=8, num_workers=0)
+    assert best["metrics"]["ap"] == pytest.approx(rps.binary_metrics(selection_labels, selection_probs)["ap"], abs=1e-6)
