@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from rine_plus_ssca import (CROP_SIZE, IMAGE_EXTENSIONS, OneLineErrorParser, UserError, check_numbers, count_of,
-                            count_table, format_table, header_summary, image_header, open_image, scan_image_folder,
-                            shortcut_warnings)
+                            count_table, format_table, open_image, scan_image_folder)
+from rine_plus_ssca_tools.bias_report import header_summary, image_header, shortcut_warnings
 
 
 BIAS_COLUMNS = ["images", "n", "width min/med/max", "height min/med/max", "under crop", "formats", "JPEG",

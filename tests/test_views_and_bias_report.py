@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools import bias_report
 from conftest import run_script, write_demo_tree
 
 
@@ -275,7 +276,7 @@ def test_jpeg_quality_is_estimated_from_the_quantisation_tables(quality):
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(quality).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(
         buffer, format="JPEG", quality=quality)
-    header = rps.image_header(buffer)
+    header = bias_report.image_header(buffer)
     assert header["format"] == "JPEG" and (header["width"], header["height"]) == (48, 32)
     assert header["jpeg_quality"] == quality
 
@@ -340,23 +341,23 @@ def test_an_image_as_large_as_the_crop_is_not_under_it():
     def header(width, height):
         return dict(width=width, height=height, format="PNG", mode="RGB", jpeg_quality=None)
 
-    summary = rps.header_summary([header(224, 224), header(223, 300), header(300, 224), header(400, 400)], 224)
+    summary = bias_report.header_summary([header(224, 224), header(223, 300), header(300, 224), header(400, 400)], 224)
     assert summary["below_crop"] == 0.25  # only the 223 px side is under a 224 px crop
-    real = rps.header_summary([header(224, 224)] * 6, 224)
-    fake = rps.header_summary([header(256, 256)] * 6, 224)
-    assert real["below_crop"] == 0 and not any("smaller than" in line for line in rps.shortcut_warnings(real, fake, 224))
+    real = bias_report.header_summary([header(224, 224)] * 6, 224)
+    fake = bias_report.header_summary([header(256, 256)] * 6, 224)
+    assert real["below_crop"] == 0 and not any("smaller than" in line for line in bias_report.shortcut_warnings(real, fake, 224))
 
 
 def test_bias_warning_for_jpeg_quality_and_colour_mode():
     def headers(n, **values):
         return [dict(width=256, height=256, format="JPEG", mode="RGB", jpeg_quality=90, **{}) | values for _ in range(n)]
 
-    real = rps.header_summary(headers(10, jpeg_quality=95), 224)
-    fake = rps.header_summary(headers(10, jpeg_quality=70, mode="L"), 224)
-    found = rps.shortcut_warnings(real, fake, 224)
+    real = bias_report.header_summary(headers(10, jpeg_quality=95), 224)
+    fake = bias_report.header_summary(headers(10, jpeg_quality=70, mode="L"), 224)
+    found = bias_report.shortcut_warnings(real, fake, 224)
     assert any("median quality 95, fake JPEGs 70" in line for line in found), found
     assert any("colour mode" in line for line in found), found
-    assert rps.shortcut_warnings(real, rps.header_summary(headers(7, jpeg_quality=92), 224), 224) == []
+    assert bias_report.shortcut_warnings(real, bias_report.header_summary(headers(7, jpeg_quality=92), 224), 224) == []
 
 
 # --------------------------------------------------------------------------- benchmark scripts
