@@ -36,6 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rine_plus_ssca as rps  # noqa: E402
+from rine_plus_ssca_tools import feature_cache  # noqa: E402
 
 ARCHITECTURES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, patch_size=32),
@@ -186,7 +187,7 @@ def measure(args, cfg, overrides, work):
                            f"   {flops_per_image / 1e9:.1f} GFLOP/image, {flops_per_image * len(pixels) / seconds / 1e12:.3f} TFLOP/s")
 
     # -- the feature cache: one filling epoch (the warm-up), then epochs that only read it
-    cache = rps.open_feature_cache("train", items, cfg, model.backbone, n_views=1)
+    cache = feature_cache.open_feature_cache("train", items, cfg, model.backbone, n_views=1)
     cached_loader = rps.make_loader(items, cfg, train=True, device=device, sampler=rps.SeededEpochSampler(
         len(items), cfg.SEED, cfg.BATCH_SIZE, drop_last=True, n_views=1), cache=cache)
     cached_rate = report("cached", timed(training_epoch(model, cached_loader, cached_loader.sampler, cfg, device, cache),

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools import feature_cache
 from conftest import SCRIPT, run_script, small_config, write_demo_tree
 
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
@@ -165,7 +166,7 @@ def test_cached_and_uncached_runs_train_the_same_model(cache_runs):
     lines = cache_lines(cached.stdout)
     assert set(lines) == {"train", "val"} and all("up to" in line for line in lines.values()), lines  # made now
     train_folder, = cache_folders(cache_runs.root / "cache", "train")
-    assert (np.fromfile(train_folder / "state.bin", dtype=np.uint8) == rps.FILLED).all()  # both views filled
+    assert (np.fromfile(train_folder / "state.bin", dtype=np.uint8) == feature_cache.FILLED).all()  # both views filled
     assert_same_model(cache_runs.root / "uncached", cache_runs.root / "cached", "cached vs uncached")
 
 
@@ -210,7 +211,7 @@ def test_interrupted_fill_is_rebuilt(cache_runs):
     folder, = cache_folders(cache_runs.root / "cache_no_meta", "train")
     assert json.loads((folder / "meta.json").read_text()) == json.loads(
         (cache_folders(cache_runs.root / "cache", "train")[0] / "meta.json").read_text())
-    assert (np.fromfile(folder / "state.bin", dtype=np.uint8) == rps.FILLED).all()
+    assert (np.fromfile(folder / "state.bin", dtype=np.uint8) == feature_cache.FILLED).all()
     assert_same_model(cache_runs.root / "uncached", cache_runs.root / "no_meta", "rebuilt cache vs uncached")
 
 
@@ -225,7 +226,7 @@ def test_a_truncated_cache_file_is_rebuilt(cache_runs, tmp_path):
         if damage:
             damage(folder)
         pixels, tokens = meta["shapes"]["pixels"], meta["shapes"]["tokens"]
-        cache = rps.FeatureCache(folder, pixels[0], pixels[1], tokens[2], tokens[3], pixels[3], token_dtype(meta))
+        cache = feature_cache.FeatureCache(folder, pixels[0], pixels[1], tokens[2], tokens[3], pixels[3], token_dtype(meta))
         return cache, cache.create_or_open()
 
     intact, made = open_copy("intact")
@@ -262,7 +263,7 @@ def test_the_cache_key_follows_the_training_recipe_but_not_the_learning_rate(tmp
     backbone = rps.RINEPlusSSCA(cfg).backbone
 
     def folder(**change):
-        return rps.feature_cache_folder("train", items, small_config(tiny_backbone, **{**vars(cfg), **change}), backbone, 2)
+        return feature_cache.feature_cache_folder("train", items, small_config(tiny_backbone, **{**vars(cfg), **change}), backbone, 2)
 
     assert folder(TRAIN_RECIPE="rine") != folder(TRAIN_RECIPE="grid") == folder()
     assert folder(LR_DROP_EPOCHS="6,11") == folder(LR=1e-4) == folder()
@@ -305,7 +306,7 @@ def test_every_constant_that_changes_a_cached_view_changes_the_cache_folder(tmp_
     cfg = small_config(tiny_backbone, CHECKPOINT_DIR=str(tmp_path / "ckpt"))
     backbone = rps.RINEPlusSSCA(cfg).backbone
     reference_views = views_of(cfg, images)
-    reference_folder = rps.feature_cache_folder("train", items, cfg, backbone, 2)
+    reference_folder = feature_cache.feature_cache_folder("train", items, cfg, backbone, 2)
     changing = []
     for name in rps.CONFIG_NAMES:
         other = another_valid_value(name, getattr(cfg, name))
@@ -316,7 +317,7 @@ def test_every_constant_that_changes_a_cached_view_changes_the_cache_folder(tmp_
         if any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(views, reference_views)):
             changing.append(name)
             assert name in rps.INPUT_CONSTANTS, f"{name} changes the cached pixels but is not declared INPUTS"
-            assert rps.feature_cache_folder("train", items, changed, backbone, 2) != reference_folder, name
+            assert feature_cache.feature_cache_folder("train", items, changed, backbone, 2) != reference_folder, name
     # The augmentation constants were among those found (the test itself can see a change).
     assert {"CROP_SIZE", "TRAIN_RECIPE", "TEST_CROP", "BLUR_PROB", "JPEG_QUALITY_MIN", "DATA_SEED"} <= set(changing), changing
     assert "SEED" not in changing  # the head's seed leaves the views alone: --seeds shares one cache

@@ -16,6 +16,7 @@ import torch
 import torch.utils.data._utils.pin_memory as loader_pinning
 
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools import feature_cache
 from conftest import write_demo_tree
 
 CUDA = torch.device("cuda")
@@ -133,12 +134,12 @@ def cache_setup(tmp_path, make_cfg):
 
 def test_a_cache_that_would_fill_the_disk_stops_with_one_line_before_growing(cache_setup, monkeypatch):
     items, cfg, backbone = cache_setup
-    monkeypatch.setattr(rps.shutil, "disk_usage", lambda path: DiskUsage(10**12, 10**12 - 100_000, 100_000))
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: DiskUsage(10**12, 10**12 - 100_000, 100_000))
     with pytest.raises(rps.UserError) as error:
-        rps.open_feature_cache("train", items, cfg, backbone, n_views=4)
+        feature_cache.open_feature_cache("train", items, cfg, backbone, n_views=4)
     message = str(error.value)
     assert "\n" not in message
-    entry = rps.FeatureCache(".", 1, 1, len(backbone.blocks), backbone.width, cfg.CROP_SIZE, backbone.clip.dtype).entry_bytes()
+    entry = feature_cache.FeatureCache(".", 1, 1, len(backbone.blocks), backbone.width, cfg.CROP_SIZE, backbone.clip.dtype).entry_bytes()
     needed_mb = float(re.search(r"needs ([\d.]+) MB more disk", message)[1])
     assert 6 * 4 * entry - 4 * 4096 <= needed_mb * 1e6 + 5e4 <= 6 * 4 * entry + 1e5  # 6 images x 4 views
     assert "has 0.1 MB free" in message
@@ -149,8 +150,8 @@ def test_a_cache_that_would_fill_the_disk_stops_with_one_line_before_growing(cac
 def test_a_cache_opens_when_the_disk_has_room_and_needs_less_once_filled(cache_setup, monkeypatch):
     items, cfg, backbone = cache_setup
     asked = []
-    monkeypatch.setattr(rps.shutil, "disk_usage", lambda path: asked.append(path) or DiskUsage(10**12, 0, 10**12))
-    cache = rps.open_feature_cache("train", items, cfg, backbone, n_views=2)
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: asked.append(path) or DiskUsage(10**12, 0, 10**12))
+    cache = feature_cache.open_feature_cache("train", items, cfg, backbone, n_views=2)
     assert asked and str(asked[0]).startswith(cfg.CACHE_DIR)
     entry = cache.entry_bytes()
     # sparse files: nothing written yet, but for the last block of each (where the file's size was set)
@@ -163,8 +164,8 @@ def test_a_cache_opens_when_the_disk_has_room_and_needs_less_once_filled(cache_s
     cache.flush()
     assert cache.bytes_to_fill() <= 4 * 4096  # at most a partly written block per file
     # Filled, it opens again on a nearly full disk: only what is still to fill counts.
-    monkeypatch.setattr(rps.shutil, "disk_usage", lambda path: DiskUsage(10**12, 10**12 - 10**6, 10**6))
-    again = rps.open_feature_cache("train", items, cfg, backbone, n_views=2)
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: DiskUsage(10**12, 10**12 - 10**6, 10**6))
+    again = feature_cache.open_feature_cache("train", items, cfg, backbone, n_views=2)
     assert again.filled_fraction() == 1.0
 
 
@@ -217,7 +218,7 @@ def test_make_loader_asks_for_no_more_workers_than_shared_memory_holds(monkeypat
 
 def test_batch_bytes_counts_cached_tokens(cache_setup):
     items, cfg, backbone = cache_setup
-    cache = rps.FeatureCache(cfg.CACHE_DIR, len(items), 1, len(backbone.blocks), backbone.width, cfg.CROP_SIZE,
+    cache = feature_cache.FeatureCache(cfg.CACHE_DIR, len(items), 1, len(backbone.blocks), backbone.width, cfg.CROP_SIZE,
                              backbone.clip.dtype)
     dataset = rps.ImageDataset(items, rps.build_transform(cfg, True), cache)
     assert rps.batch_bytes(dataset, 8, 224) == 8 * (3 * 224 * 224 + len(backbone.blocks) * backbone.width * 4)
