@@ -119,6 +119,22 @@ def run_script(args, cwd, timeout=900, env_extra=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(args, cwd, capsys):
+    """rps.main(ARGS) in this process with cwd as the working folder, captured as run_script's result is.
+
+    For tests whose point is a message of the command line, not the process: it saves starting an interpreter
+    that imports torch (a few seconds). argparse's exit (SystemExit) becomes the exit code; any other exception
+    propagates, so a would-be traceback fails the test."""
+    capsys.readouterr()  # only what this call prints
+    with contextlib.chdir(cwd):
+        try:
+            code = rps.main([str(arg) for arg in args])
+        except SystemExit as end:
+            code = end.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def nonempty_lines(text):
     return [line for line in text.splitlines() if line.strip()]
 
@@ -134,6 +150,48 @@ def demo(tmp_path_factory):
     shutil.copy(SCRIPT, cwd / SCRIPT.name)
     result = run_copied_script(["--demo"], cwd=cwd)
     return cwd, result
+
+
+# The commands besides training, in the order their --help is captured below.
+HELP_COMMANDS = ("eval", "predict", "check-data", "export", "import-rine", "compare")
+HELP_SEPARATOR = "\n=== end of --help ===\n"
+# One process asks main() for each command's --help in turn, as `python rine_plus_ssca.py CMD --help` would.
+_EVERY_COMMAND_HELP = (
+    "import sys\n"
+    "sys.argv[0] = 'rine_plus_ssca.py'\n"
+    "import rine_plus_ssca\n"
+    "for command in sys.argv[1:]:\n"
+    "    try:\n"
+    "        rine_plus_ssca.main([command, '--help'])\n"
+    "    except SystemExit as end:\n"
+    "        assert end.code in (0, None), (command, end.code)\n"
+    "    else:\n"
+    "        raise AssertionError(command + ' --help did not exit')\n"
+    "    print(%r, end='', flush=True)\n" % HELP_SEPARATOR
+)
+
+
+@pytest.fixture(scope="session")
+def help_texts(tmp_path_factory):
+    """{'train' or command: its --help as printed, COLUMNS huge so nothing wraps}, for test_cli and test_guide.
+
+    Training's is `python rine_plus_ssca.py --help` itself; the commands' come from one process that calls
+    main([command, '--help']) for each (one interpreter instead of one per command)."""
+    cwd = tmp_path_factory.mktemp("help")
+    wide = dict(os.environ, COLUMNS="10000", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(REPO))
+    texts = {}
+    result = run_script(["--help"], cwd=cwd, env_extra={"COLUMNS": "10000"})
+    assert result.returncode == 0, result.stderr
+    texts["train"] = result.stdout
+    result = subprocess.run([sys.executable, "-c", _EVERY_COMMAND_HELP, *HELP_COMMANDS], cwd=cwd, env=wide,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    printed = result.stdout.split(HELP_SEPARATOR)
+    assert len(printed) == len(HELP_COMMANDS) + 1 and printed[-1] == "", result.stdout[-3000:]
+    for command, text in zip(HELP_COMMANDS, printed):
+        assert text.startswith("usage: rine_plus_ssca.py " + command), (command, text[:200])
+        texts[command] = text
+    return texts
 
 
 # The layout and length of the run behind `trained_checkpoint`: three generators in test/ (one the training never
@@ -185,6 +243,7 @@ def run_copied_script(args, cwd, timeout=900):
 SLOW_FIXTURES = {
     "demo", "trained_checkpoint", "run", "trained", "reference", "interrupted", "boundary_reference", "bad_runs",
     "failures", "group_signalled", "cache_runs", "torchrun_run", "executed", "help_entries", "help_options",
+    "help_texts",
 }
 SLOW_CALLS = re.compile(r"\b(run_script|run_copied_script|run_benchmark|torchrun|train_tiny_checkpoint|rps\.train|"
                         r"subprocess\.|get_context|Run)\(")
