@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 # One intra-op thread, here and in every subprocess: on a small shared CPU, OpenMP threads
@@ -119,20 +120,48 @@ def run_script(args, cwd, timeout=900, env_extra=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_main(args, cwd, capsys):
+def run_main(args, cwd):
     """rps.main(ARGS) in this process with cwd as the working folder, captured as run_script's result is.
 
     For tests whose point is a message of the command line, not the process: it saves starting an interpreter
     that imports torch (a few seconds). argparse's exit (SystemExit) becomes the exit code; any other exception
-    propagates, so a would-be traceback fails the test."""
-    capsys.readouterr()  # only what this call prints
-    with contextlib.chdir(cwd):
+    propagates, so a would-be traceback fails the test. Python's warnings and transformers' log lines land in
+    the captured stderr, filtered as in a fresh interpreter, so a stray line still breaks a one-line message."""
+    out, err = io.StringIO(), io.StringIO()
+    with _transformers_log_to(err), contextlib.chdir(cwd), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category, module in FRESH_INTERPRETER_WARNING_FILTERS:
+            warnings.filterwarnings(action, category=category, module=module)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
         try:
             code = rps.main([str(arg) for arg in args])
         except SystemExit as end:
             code = end.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+# Python's default warning filters (python -W absent, no -X dev), last added first as filterwarnings inserts.
+FRESH_INTERPRETER_WARNING_FILTERS = [
+    ("ignore", ResourceWarning, ""), ("ignore", ImportWarning, ""), ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", DeprecationWarning, ""), ("default", DeprecationWarning, "__main__"),
+]
+
+
+@contextlib.contextmanager
+def _transformers_log_to(stream):
+    """transformers' handler keeps the stderr of the moment it was made: point it at stream for a while.
+    (Imported here, before any redirection, so that the handler is never made on a StringIO.)"""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # makes the default handler if it does not exist yet
+    handler = hf_logging._default_handler
+    previous = handler.setStream(stream)
+    try:
+        yield
+    finally:
+        handler.setStream(previous)
 
 
 def nonempty_lines(text):

@@ -151,30 +151,30 @@ def _train_args(data_dir, backbone):
             "--checkpoint-dir", "ckpt"]
 
 
-def test_one_class_training_set_is_refused_with_one_line(tmp_path, tiny_backbone, capsys):
+def test_one_class_training_set_is_refused_with_one_line(tmp_path, tiny_backbone):
     _write_pngs(tmp_path / "data/train", ["car/0_real", "cat/0_real"])
-    result = run_main(_train_args("data", tiny_backbone), cwd=tmp_path, capsys=capsys)
+    result = run_main(_train_args("data", tiny_backbone), cwd=tmp_path)
     assert_one_line_error(result, "fake")
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("*.pth"))
 
 
-def test_one_class_validation_set_is_refused_with_one_line(tmp_path, tiny_backbone, capsys):
+def test_one_class_validation_set_is_refused_with_one_line(tmp_path, tiny_backbone):
     _write_pngs(tmp_path / "data/train", ["car/0_real", "car/1_fake"])
     _write_pngs(tmp_path / "data/val", ["car/1_fake"])
-    result = run_main(_train_args("data", tiny_backbone), cwd=tmp_path, capsys=capsys)
+    result = run_main(_train_args("data", tiny_backbone), cwd=tmp_path)
     assert_one_line_error(result, "validation", "real")
 
 
-def test_train_classes_filter_applies_before_training(tmp_path, tiny_backbone, capsys):
+def test_train_classes_filter_applies_before_training(tmp_path, tiny_backbone):
     # 'car' has both classes, 'cat' only reals: selecting cat alone must be refused as one-class,
     # which can only happen if the filter was applied.
     _write_pngs(tmp_path / "data/train", ["car/0_real", "car/1_fake", "cat/0_real"])
-    result = run_main(_train_args("data", tiny_backbone) + ["--train-classes", "cat"], cwd=tmp_path, capsys=capsys)
+    result = run_main(_train_args("data", tiny_backbone) + ["--train-classes", "cat"], cwd=tmp_path)
     assert_one_line_error(result, "fake")
-    result = run_main(_train_args("data", tiny_backbone) + ["--train-classes", "horse"], cwd=tmp_path, capsys=capsys)
+    result = run_main(_train_args("data", tiny_backbone) + ["--train-classes", "horse"], cwd=tmp_path)
     assert_one_line_error(result, "horse")
 
 
-def test_missing_data_folder_is_one_line(tmp_path, tiny_backbone, capsys):
-    result = run_main(_train_args("no_such_folder", tiny_backbone), cwd=tmp_path, capsys=capsys)
+def test_missing_data_folder_is_one_line(tmp_path, tiny_backbone):
+    result = run_main(_train_args("no_such_folder", tiny_backbone), cwd=tmp_path)
     assert_one_line_error(result, "no_such_folder")

@@ -276,7 +276,7 @@ def test_eval_on_fakes_only_says_how_to_pair_reals(trained, tmp_path):
 
 # --------------------------------------------------------------------------- 4. protocol files: mistakes
 
-def test_protocol_mistakes_are_one_line_errors(tmp_path, trained, capsys):
+def test_protocol_mistakes_are_one_line_errors(tmp_path, trained):
     write_images(tmp_path / "test", {"biggan/0_real": (1, False), "biggan/1_fake": (1, True)}, seed=5)
     cases = {
         "not json": ("{rows: [", "is not valid JSON"),
@@ -297,7 +297,7 @@ def test_protocol_mistakes_are_one_line_errors(tmp_path, trained, capsys):
     with pytest.raises(rps.UserError, match="No protocol file"):
         rps.collect_test_items(tmp_path / "test", protocol=tmp_path / "missing.json")
     # Through the command line: one line, exit code 1, no traceback.
-    result = run_main(["eval", "--ckpt", trained, "--data", "test", "--protocol", "not_json.json"], cwd=tmp_path, capsys=capsys)
+    result = run_main(["eval", "--ckpt", trained, "--data", "test", "--protocol", "not_json.json"], cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "is not valid JSON" in result.stderr
 
@@ -322,7 +322,7 @@ def test_synthbuster_real_dir_option_replaces_the_protocols_raise_folder(model, 
 
 # --------------------------------------------------------------------------- 5. the resize sweep
 
-def test_resize_sweep_matches_pil_resizing(trained, model, tmp_path, capsys):
+def test_resize_sweep_matches_pil_resizing(trained, model, tmp_path):
     spec = {"stylegan/0_real": (3, False), "stylegan/1_fake": (3, True), "crn/0_real": (2, False), "crn/1_fake": (3, True)}
     written = write_images(tmp_path / "test", spec, seed=8)
     result = run_script(["eval", "--ckpt", trained, "--data", "test", "--resize", "0.5,1.5", "--out", "out",
@@ -353,20 +353,20 @@ def test_resize_sweep_matches_pil_resizing(trained, model, tmp_path, capsys):
     assert np.array_equal(np.asarray(rps.FixedPerturbation(resize=0.75)(image)),
                           np.asarray(image.resize((round(image.width * 0.75), round(image.height * 0.75)), Image.BICUBIC)))
     assert rps.FixedPerturbation(resize=0.5)(image).size == (image.width // 2, image.height // 2)
-    bad = run_main(["eval", "--ckpt", trained, "--data", "test", "--resize", "0"], cwd=tmp_path, capsys=capsys)
+    bad = run_main(["eval", "--ckpt", trained, "--data", "test", "--resize", "0"], cwd=tmp_path)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "--resize" in bad.stderr
 
 
 # --------------------------------------------------------------------------- 6. split folders, row naming, GenImage
 
-def test_a_tree_with_training_splits_is_refused_so_train_images_never_enter_a_test_row(tmp_path, trained, capsys):
+def test_a_tree_with_training_splits_is_refused_so_train_images_never_enter_a_test_row(tmp_path, trained):
     """GenImage's root holds <gen>/<set>/train beside <gen>/<set>/val: without the refusal both merged into one row."""
     write_images(tmp_path / "GenImage", {"sdv/imagenet_sdv/train/ai": (2, True), "sdv/imagenet_sdv/train/nature": (2, False),
                                          "sdv/imagenet_sdv/val/ai": (1, True), "sdv/imagenet_sdv/val/nature": (1, False)}, seed=11)
     split = tmp_path / "GenImage" / "sdv" / "imagenet_sdv" / "train"
     with pytest.raises(rps.UserError, match=re.escape(f"{split} is a training split")):
         rps.collect_test_items(tmp_path / "GenImage")
-    result = run_main(["eval", "--ckpt", trained, "--data", "GenImage", "--device", "cpu"], cwd=tmp_path, capsys=capsys)
+    result = run_main(["eval", "--ckpt", trained, "--data", "GenImage", "--device", "cpu"], cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and "protocols/genimage.json" in result.stderr
     # The val folder alone is one row named after the generator; ForenSynths' category `train` (the vehicle),
