@@ -483,8 +483,8 @@ def own_images(tmp_path_factory, trained, model):
     readable, unreadable = write_own_images(root / "mine")
     results = {}
     for name, extra in (("plain", ["--explain", "heatmaps"]), ("tencrop", ["--tencrop"])):
-        result = run_script(["predict", "--ckpt", trained["ckpt"], "mine", "--out", f"{name}.csv", "--device", "cpu",
-                             "--num-workers", "0", *extra], cwd=root)
+        result = run_main(["predict", "--ckpt", trained["ckpt"], "mine", "--out", f"{name}.csv", "--device", "cpu",
+                           "--num-workers", "0", *extra], cwd=root)
         results[name] = result
     return dict(root=root, readable=readable, unreadable=unreadable, results=results)
 
