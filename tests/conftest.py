@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 # One intra-op thread, here and in every subprocess: on a small shared CPU, OpenMP threads
@@ -119,6 +120,50 @@ def run_script(args, cwd, timeout=900, env_extra=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(args, cwd):
+    """rps.main(ARGS) in this process with cwd as the working folder, captured as run_script's result is.
+
+    For tests whose point is a message of the command line, not the process: it saves starting an interpreter
+    that imports torch (a few seconds). argparse's exit (SystemExit) becomes the exit code; any other exception
+    propagates, so a would-be traceback fails the test. Python's warnings and transformers' log lines land in
+    the captured stderr, filtered as in a fresh interpreter, so a stray line still breaks a one-line message."""
+    out, err = io.StringIO(), io.StringIO()
+    with _transformers_log_to(err), contextlib.chdir(cwd), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category, module in FRESH_INTERPRETER_WARNING_FILTERS:
+            warnings.filterwarnings(action, category=category, module=module)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        try:
+            code = rps.main([str(arg) for arg in args])
+        except SystemExit as end:
+            code = end.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+# Python's default warning filters (python -W absent, no -X dev), last added first as filterwarnings inserts.
+FRESH_INTERPRETER_WARNING_FILTERS = [
+    ("ignore", ResourceWarning, ""), ("ignore", ImportWarning, ""), ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", DeprecationWarning, ""), ("default", DeprecationWarning, "__main__"),
+]
+
+
+@contextlib.contextmanager
+def _transformers_log_to(stream):
+    """transformers' handler keeps the stderr of the moment it was made: point it at stream for a while.
+    (Imported here, before any redirection, so that the handler is never made on a StringIO.)"""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # makes the default handler if it does not exist yet
+    handler = hf_logging._default_handler
+    previous = handler.setStream(stream)
+    try:
+        yield
+    finally:
+        handler.setStream(previous)
+
+
 def nonempty_lines(text):
     return [line for line in text.splitlines() if line.strip()]
 
@@ -134,6 +179,48 @@ def demo(tmp_path_factory):
     shutil.copy(SCRIPT, cwd / SCRIPT.name)
     result = run_copied_script(["--demo"], cwd=cwd)
     return cwd, result
+
+
+# The commands besides training, in the order their --help is captured below.
+HELP_COMMANDS = ("eval", "predict", "check-data", "export", "import-rine", "compare")
+HELP_SEPARATOR = "\n=== end of --help ===\n"
+# One process asks main() for each command's --help in turn, as `python rine_plus_ssca.py CMD --help` would.
+_EVERY_COMMAND_HELP = (
+    "import sys\n"
+    "sys.argv[0] = 'rine_plus_ssca.py'\n"
+    "import rine_plus_ssca\n"
+    "for command in sys.argv[1:]:\n"
+    "    try:\n"
+    "        rine_plus_ssca.main([command, '--help'])\n"
+    "    except SystemExit as end:\n"
+    "        assert end.code in (0, None), (command, end.code)\n"
+    "    else:\n"
+    "        raise AssertionError(command + ' --help did not exit')\n"
+    "    print(%r, end='', flush=True)\n" % HELP_SEPARATOR
+)
+
+
+@pytest.fixture(scope="session")
+def help_texts(tmp_path_factory):
+    """{'train' or command: its --help as printed, COLUMNS huge so nothing wraps}, for test_cli and test_guide.
+
+    Training's is `python rine_plus_ssca.py --help` itself; the commands' come from one process that calls
+    main([command, '--help']) for each (one interpreter instead of one per command)."""
+    cwd = tmp_path_factory.mktemp("help")
+    wide = dict(os.environ, COLUMNS="10000", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(REPO))
+    texts = {}
+    result = run_script(["--help"], cwd=cwd, env_extra={"COLUMNS": "10000"})
+    assert result.returncode == 0, result.stderr
+    texts["train"] = result.stdout
+    result = subprocess.run([sys.executable, "-c", _EVERY_COMMAND_HELP, *HELP_COMMANDS], cwd=cwd, env=wide,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    printed = result.stdout.split(HELP_SEPARATOR)
+    assert len(printed) == len(HELP_COMMANDS) + 1 and printed[-1] == "", result.stdout[-3000:]
+    for command, text in zip(HELP_COMMANDS, printed):
+        assert text.startswith("usage: rine_plus_ssca.py " + command), (command, text[:200])
+        texts[command] = text
+    return texts
 
 
 # The layout and length of the run behind `trained_checkpoint`: three generators in test/ (one the training never
@@ -185,6 +272,7 @@ def run_copied_script(args, cwd, timeout=900):
 SLOW_FIXTURES = {
     "demo", "trained_checkpoint", "run", "trained", "reference", "interrupted", "boundary_reference", "bad_runs",
     "failures", "group_signalled", "cache_runs", "torchrun_run", "executed", "help_entries", "help_options",
+    "help_texts",
 }
 SLOW_CALLS = re.compile(r"\b(run_script|run_copied_script|run_benchmark|torchrun|train_tiny_checkpoint|rps\.train|"
                         r"subprocess\.|get_context|Run)\(")

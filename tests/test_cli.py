@@ -18,12 +18,10 @@ from conftest import REPO, nonempty_lines, run_copied_script, run_script, write_
 # --------------------------------------------------------------------------- --help
 
 @pytest.fixture(scope="module")
-def help_entries(tmp_path_factory):
-    """{option string: help text} parsed from `--help` (COLUMNS huge so nothing wraps)."""
-    result = run_script(["--help"], cwd=tmp_path_factory.mktemp("help"), env_extra={"COLUMNS": "10000"})
-    assert result.returncode == 0, result.stderr
+def help_entries(help_texts):
+    """{option string: help text} parsed from `--help` (COLUMNS huge so nothing wraps; conftest's help_texts)."""
     entries, current = {}, None
-    for line in result.stdout.split("options:", 1)[1].splitlines():
+    for line in help_texts["train"].split("options:", 1)[1].splitlines():
         match = re.match(r"^  (-\S.*?)(?:\s{2,}(.*))?$", line)
         if match:
             current = [o.split(" ")[0] for o in match.group(1).split(", ")]

@@ -21,7 +21,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
 from rine_plus_ssca_tools import heatmaps
-from conftest import nonempty_lines, run_script
+from conftest import nonempty_lines, run_main, run_script
 
 THRESHOLD = 0.5
 # A value printed with 4 decimals can be off by half a unit in the last place; scores computed in
@@ -483,8 +483,8 @@ def own_images(tmp_path_factory, trained, model):
     readable, unreadable = write_own_images(root / "mine")
     results = {}
     for name, extra in (("plain", ["--explain", "heatmaps"]), ("tencrop", ["--tencrop"])):
-        result = run_script(["predict", "--ckpt", trained["ckpt"], "mine", "--out", f"{name}.csv", "--device", "cpu",
-                             "--num-workers", "0", *extra], cwd=root)
+        result = run_main(["predict", "--ckpt", trained["ckpt"], "mine", "--out", f"{name}.csv", "--device", "cpu",
+                           "--num-workers", "0", *extra], cwd=root)
         results[name] = result
     return dict(root=root, readable=readable, unreadable=unreadable, results=results)
 
@@ -619,8 +619,8 @@ def test_eval_refuses_a_table_whose_row_lost_too_many_images(tmp_path, make_cfg)
         torch.manual_seed(0)
         model = rps.RINEPlusSSCA(make_cfg(MAX_BAD_FRACTION=max_fraction)).eval()
         rps.atomic_torch_save(rps.make_checkpoint(model, 1, {}, []), tmp_path / f"model_{max_fraction}.pth")
-        result = run_script(["eval", "--ckpt", f"model_{max_fraction}.pth", "--data", "data", "--out", "out",
-                             "--device", "cpu", "--num-workers", "0"], cwd=tmp_path)
+        result = run_main(["eval", "--ckpt", f"model_{max_fraction}.pth", "--data", "data", "--out", "out",
+                           "--device", "cpu", "--num-workers", "0"], cwd=tmp_path)
         assert "Traceback" not in result.stdout + result.stderr
         # The table shows the skipped images per row, whether or not it is refused.
         skipped = {line.split()[0]: line.split()[-1] for line in result.stdout.split("95% intervals")[0].splitlines()

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
-from conftest import nonempty_lines, run_script, small_config, write_demo_tree
+from conftest import nonempty_lines, run_main, run_script, small_config, write_demo_tree
 from test_run_ends import WRAPPER
 
 TINY_ARGS = ["--batch-size", "8", "--proj-dim", "32", "--spec-channels", "16", "--fusion-dim", "32",
@@ -526,7 +526,8 @@ def test_checkpoint_that_would_run_code_is_refused(kind, tmp_path, bad_tree):
     image = bad_tree["readable"]["cmyk"]
     commands = [["eval", "--ckpt", evil, "--data", bad_tree["root"] / "val", "--device", "cpu", "--num-workers", "0"],
                 ["predict", "--ckpt", evil, image, "--device", "cpu", "--num-workers", "0"]]
-    for command, result in zip(commands, run_side_by_side([(c, tmp_path) for c in commands])):
+    for command in commands:  # main() in this process: the refusal's message is the point
+        result = run_main(command, tmp_path)
         assert_one_line_error(result.returncode, result.stdout, result.stderr, "refused", str(evil))
         assert not target.exists(), command[0]
     with pytest.raises(rps.UserError, match="(?i)refused"):
@@ -538,7 +539,7 @@ def test_checkpoint_that_would_run_code_is_refused(kind, tmp_path, bad_tree):
 
 @pytest.fixture(scope="module")
 def failures(reference, tree, tiny_backbone, tmp_path_factory):
-    """Every mistake of the list, each in its own process, two at a time: name -> (result, cwd)."""
+    """Every mistake of the list, through the command line: name -> (result, cwd)."""
     root = tmp_path_factory.mktemp("failures")
     _, reference_dir = reference.get("a")
     checkpoint = load(reference_dir / rps.BEST_NAME)
@@ -571,8 +572,15 @@ def failures(reference, tree, tiny_backbone, tmp_path_factory):
                                 "--log-every", "1", "--save-every-steps", "1"),
         "export": ["export", "--ckpt", reference_dir / rps.BEST_NAME, "--out", root / "out/detector.safetensors"],
     }
-    results = run_side_by_side([(args, root) for args in cases.values()])
-    return dict(zip(cases, results)), root, reference_dir
+    # Real processes where the process is the point: --debug's traceback is the interpreter's, and the hub id is
+    # looked up offline as a fresh interpreter does. The other mistakes are messages of main(), checked in this
+    # process (no interpreter to start, no torch to import).
+    in_processes = ("missing_data_debug", "no_backbone_hub_id")
+    with ThreadPoolExecutor(len(in_processes)) as pool:
+        started = {name: pool.submit(run_script, cases[name], root, 900, {"OMP_NUM_THREADS": "1"}) for name in in_processes}
+        results = {name: run_main(args, root) for name, args in cases.items() if name not in in_processes}
+        results.update((name, future.result()) for name, future in started.items())
+    return {name: results[name] for name in cases}, root, reference_dir
 
 
 @pytest.mark.parametrize("case,fragments", [

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import rine_plus_ssca as rps
-from conftest import nonempty_lines, run_script
+from conftest import nonempty_lines, run_main
 
 
 def touch_images(root, relative_paths):
@@ -153,7 +153,7 @@ def _train_args(data_dir, backbone):
 
 def test_one_class_training_set_is_refused_with_one_line(tmp_path, tiny_backbone):
     _write_pngs(tmp_path / "data/train", ["car/0_real", "cat/0_real"])
-    result = run_script(_train_args("data", tiny_backbone), cwd=tmp_path)
+    result = run_main(_train_args("data", tiny_backbone), cwd=tmp_path)
     assert_one_line_error(result, "fake")
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("*.pth"))
 
@@ -161,7 +161,7 @@ def test_one_class_training_set_is_refused_with_one_line(tmp_path, tiny_backbone
 def test_one_class_validation_set_is_refused_with_one_line(tmp_path, tiny_backbone):
     _write_pngs(tmp_path / "data/train", ["car/0_real", "car/1_fake"])
     _write_pngs(tmp_path / "data/val", ["car/1_fake"])
-    result = run_script(_train_args("data", tiny_backbone), cwd=tmp_path)
+    result = run_main(_train_args("data", tiny_backbone), cwd=tmp_path)
     assert_one_line_error(result, "validation", "real")
 
 
@@ -169,12 +169,12 @@ def test_train_classes_filter_applies_before_training(tmp_path, tiny_backbone):
     # 'car' has both classes, 'cat' only reals: selecting cat alone must be refused as one-class,
     # which can only happen if the filter was applied.
     _write_pngs(tmp_path / "data/train", ["car/0_real", "car/1_fake", "cat/0_real"])
-    result = run_script(_train_args("data", tiny_backbone) + ["--train-classes", "cat"], cwd=tmp_path)
+    result = run_main(_train_args("data", tiny_backbone) + ["--train-classes", "cat"], cwd=tmp_path)
     assert_one_line_error(result, "fake")
-    result = run_script(_train_args("data", tiny_backbone) + ["--train-classes", "horse"], cwd=tmp_path)
+    result = run_main(_train_args("data", tiny_backbone) + ["--train-classes", "horse"], cwd=tmp_path)
     assert_one_line_error(result, "horse")
 
 
 def test_missing_data_folder_is_one_line(tmp_path, tiny_backbone):
-    result = run_script(_train_args("no_such_folder", tiny_backbone), cwd=tmp_path)
+    result = run_main(_train_args("no_such_folder", tiny_backbone), cwd=tmp_path)
     assert_one_line_error(result, "no_such_folder")

@@ -18,7 +18,7 @@ import pytest
 from nbclient import NotebookClient
 
 import rine_plus_ssca as rps
-from conftest import REPO, run_script, save_tiny_backbone, write_demo_tree
+from conftest import REPO, run_main, save_tiny_backbone, write_demo_tree
 
 NOTEBOOKS = {"en": REPO / "notebooks" / "inference.ipynb", "zh": REPO / "notebooks" / "inference.zh-CN.ipynb"}
 # What each notebook prints: its verdict words, and the labels of the checkpoint and top-blocks lines.
@@ -35,10 +35,11 @@ def project(tmp_path_factory):
                                          "test": {"nearest": 2, "bilinear": 2, "transposed_conv": 2}}, seed=7)
     backbone = "checkpoints/demo/tiny_clip_backbone"  # relative, as the demo records it
     save_tiny_backbone(root / backbone, seed=0)
-    trained = run_script(["--data-dir", "data/demo", "--checkpoint-dir", "checkpoints/demo", "--clip-model", backbone,
-                          "--epochs", "1", "--batch-size", "16", "--proj-dim", "32", "--spec-channels", "16",
-                          "--fusion-dim", "32", "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu",
-                          "--target-fpr", "0.25"], cwd=root)
+    # The command line's training, in this process (the notebooks, not training, are what this file tests).
+    trained = run_main(["--data-dir", "data/demo", "--checkpoint-dir", "checkpoints/demo", "--clip-model", backbone,
+                        "--epochs", "1", "--batch-size", "16", "--proj-dim", "32", "--spec-channels", "16",
+                        "--fusion-dim", "32", "--fusion-heads", "4", "--num-workers", "0", "--device", "cpu",
+                        "--target-fpr", "0.25"], cwd=root)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert (root / "checkpoints/demo" / rps.BEST_NAME).is_file()
     model = rps.load_detector(root / "checkpoints/demo" / rps.BEST_NAME, device="cpu")

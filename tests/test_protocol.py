@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
 from rine_plus_ssca_tools import protocols
-from conftest import REPO, run_script
+from conftest import REPO, run_main, run_script
 
 THRESHOLD = 0.5
 ROUNDED = 5e-5 + 1e-6  # a value printed with 4 decimals
@@ -297,7 +297,7 @@ def test_protocol_mistakes_are_one_line_errors(tmp_path, trained):
     with pytest.raises(rps.UserError, match="No protocol file"):
         rps.collect_test_items(tmp_path / "test", protocol=tmp_path / "missing.json")
     # Through the command line: one line, exit code 1, no traceback.
-    result = run_script(["eval", "--ckpt", trained, "--data", "test", "--protocol", "not_json.json"], cwd=tmp_path)
+    result = run_main(["eval", "--ckpt", trained, "--data", "test", "--protocol", "not_json.json"], cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "is not valid JSON" in result.stderr
 
@@ -353,7 +353,7 @@ def test_resize_sweep_matches_pil_resizing(trained, model, tmp_path):
     assert np.array_equal(np.asarray(rps.FixedPerturbation(resize=0.75)(image)),
                           np.asarray(image.resize((round(image.width * 0.75), round(image.height * 0.75)), Image.BICUBIC)))
     assert rps.FixedPerturbation(resize=0.5)(image).size == (image.width // 2, image.height // 2)
-    bad = run_script(["eval", "--ckpt", trained, "--data", "test", "--resize", "0"], cwd=tmp_path)
+    bad = run_main(["eval", "--ckpt", trained, "--data", "test", "--resize", "0"], cwd=tmp_path)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "--resize" in bad.stderr
 
 
@@ -366,7 +366,7 @@ def test_a_tree_with_training_splits_is_refused_so_train_images_never_enter_a_te
     split = tmp_path / "GenImage" / "sdv" / "imagenet_sdv" / "train"
     with pytest.raises(rps.UserError, match=re.escape(f"{split} is a training split")):
         rps.collect_test_items(tmp_path / "GenImage")
-    result = run_script(["eval", "--ckpt", trained, "--data", "GenImage", "--device", "cpu"], cwd=tmp_path)
+    result = run_main(["eval", "--ckpt", trained, "--data", "GenImage", "--device", "cpu"], cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and "protocols/genimage.json" in result.stderr
     # The val folder alone is one row named after the generator; ForenSynths' category `train` (the vehicle),

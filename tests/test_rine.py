@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, nonempty_lines, run_script, write_demo_tree
+from conftest import TINY, nonempty_lines, run_main, write_demo_tree
 import rine_plus_ssca as rps
 from rine_plus_ssca_tools import rine_format
 
@@ -136,8 +136,8 @@ def script_logits(model, images):
 
 
 def import_rine(rine_file, out, backbone, cwd):
-    return run_script(["import-rine", "--ckpt", rine_file, "--out", out, "--clip-model", backbone, "--amp", "off"],
-                      cwd=cwd)
+    """The import-rine command, through main() in this process."""
+    return run_main(["import-rine", "--ckpt", rine_file, "--out", out, "--clip-model", backbone, "--amp", "off"], cwd=cwd)
 
 
 # --------------------------------------------------------------------------- import-rine
@@ -172,8 +172,8 @@ def test_imported_rine_with_tencrop_equals_rines_ten_crop_scoring(tmp_path, tiny
     torch.save(state, tmp_path / "model_trainable.pth")
     # AMP auto (import-rine's default): on the CPU RINE's clip.load runs float32, so the script does too,
     # even on a CPU where auto would otherwise pick bf16.
-    result = run_script(["import-rine", "--ckpt", "model_trainable.pth", "--out", "imported.pth",
-                         "--clip-model", tiny_backbone], cwd=tmp_path)
+    result = run_main(["import-rine", "--ckpt", "model_trainable.pth", "--out", "imported.pth",
+                       "--clip-model", tiny_backbone], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     monkeypatch.setattr(rps, "cpu_has_fast_bf16", lambda: True)
     model = rps.load_detector(tmp_path / "imported.pth", device="cpu")
@@ -214,8 +214,8 @@ def test_rine_scoring_calls_one_half_real_and_saturates_as_rine_does(tmp_path, t
     assert probs.tolist() == [0.5] * 4
     table = dict(zip(rps.METRIC_COLUMNS, rows[0][1:]))
     assert (table["real_acc"], table["fake_acc"]) == (1.0, 0.0)  # RINE: fake when P(fake) > 0.5
-    result = run_script(["predict", "--ckpt", "imported.pth", items[1][0], "--device", "cpu", "--num-workers", "0"],
-                        cwd=tmp_path)
+    result = run_main(["predict", "--ckpt", "imported.pth", items[1][0], "--device", "cpu", "--num-workers", "0"],
+                      cwd=tmp_path)
     assert result.returncode == 0 and re.search(r"^\s*0\.5000\s+real\s", result.stdout, re.M), result.stdout
 
     with torch.no_grad():
@@ -303,19 +303,20 @@ def test_a_backbone_of_another_shape_is_refused_when_loaded(tmp_path, tiny_backb
 
 # --------------------------------------------------------------------------- training RINE, writing RINE's format
 
+@pytest.mark.slow  # trains, through main() in this process
 def test_no_use_spectral_trains_rine_and_round_trips_through_rines_format(tmp_path, tiny_backbone):
     write_demo_tree(tmp_path / "data", {"train": {"nearest": 8, "bilinear": 8}, "val": {"nearest": 4, "bilinear": 4}},
                     seed=3)
-    result = run_script(["--no-use-spectral", "--data-dir", "data", "--checkpoint-dir", "ckpt",
-                         "--clip-model", tiny_backbone, "--proj-dim", "16", "--nproj", "4", "--epochs", "1",
-                         "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--amp", "off"], cwd=tmp_path)
+    result = run_main(["--no-use-spectral", "--data-dir", "data", "--checkpoint-dir", "ckpt",
+                       "--clip-model", tiny_backbone, "--proj-dim", "16", "--nproj", "4", "--epochs", "1",
+                       "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--amp", "off"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     trained_path = tmp_path / "ckpt" / rps.BEST_NAME
     trained = torch.load(trained_path, weights_only=True)
     layout = rine_layout(WIDTH, N_BLOCKS, 16, 4)
     assert {k: tuple(v.shape) for k, v in trained["model"].items()} == layout  # exactly RINE's names and shapes
 
-    result = run_script(["export", "--ckpt", trained_path, "--out", "rine_trainable.pth", "--rine-format"], cwd=tmp_path)
+    result = run_main(["export", "--ckpt", trained_path, "--out", "rine_trainable.pth", "--rine-format"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     exported = torch.load(tmp_path / "rine_trainable.pth", weights_only=True)
     assert type(exported) is dict and {k: tuple(v.shape) for k, v in exported.items()} == layout

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import rine_plus_ssca as rps
+from conftest import run_main, write_demo_tree
 from rine_plus_ssca_tools import bias_report
-from conftest import run_script, write_demo_tree
 
 
 def coordinate_image(width, height):
@@ -300,7 +300,7 @@ def shortcut_lines(text):
 
 def test_check_data_warns_when_reals_are_large_jpegs_and_fakes_small_pngs(tmp_path):
     root = write_biased_tree(tmp_path / "data")
-    result = run_script(["check-data", "--data", root / "train", "--workers", "1"], cwd=tmp_path, timeout=300)
+    result = run_main(["check-data", "--data", root / "train", "--workers", "1"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = shortcut_lines(result.stdout)
     assert any("100% of real images are JPEG, 0% of fakes" in line and "file format" in line for line in lines), lines
@@ -316,7 +316,7 @@ def test_check_data_warns_when_reals_are_large_jpegs_and_fakes_small_pngs(tmp_pa
 
 def test_check_data_and_training_stay_silent_on_unbiased_data(tmp_path, make_cfg, capsys):
     root = write_demo_tree(tmp_path / "data", {"train": {"nearest": 6, "bilinear": 6}})
-    result = run_script(["check-data", "--data", root / "train", "--workers", "1"], cwd=tmp_path, timeout=300)
+    result = run_main(["check-data", "--data", root / "train", "--workers", "1"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "possible shortcuts (real and fake differ): 0" in result.stdout
     assert shortcut_lines(result.stdout) == []
@@ -324,11 +324,12 @@ def test_check_data_and_training_stay_silent_on_unbiased_data(tmp_path, make_cfg
     assert "shortcut" not in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains, in this process
 def test_training_warns_before_the_first_epoch(tmp_path, tiny_backbone):
     root = write_biased_tree(tmp_path / "data", n=8)
-    result = run_script(["--data-dir", root, "--clip-model", tiny_backbone, "--device", "cpu", "--num-workers", "0",
-                         "--proj-dim", "16", "--spec-channels", "8", "--fusion-dim", "16", "--fusion-heads", "2",
-                         "--batch-size", "8", "--epochs", "1", "--checkpoint-dir", "ckpt"], cwd=tmp_path)
+    result = run_main(["--data-dir", root, "--clip-model", tiny_backbone, "--device", "cpu", "--num-workers", "0",
+                       "--proj-dim", "16", "--spec-channels", "8", "--fusion-dim", "16", "--fusion-heads", "2",
+                       "--batch-size", "8", "--epochs", "1", "--checkpoint-dir", "ckpt"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = shortcut_lines(result.stdout)
     assert any("real images are JPEG" in line for line in lines), result.stdout[-3000:]
