@@ -3603,9 +3603,8 @@ def evaluate_checkpoint(args, ckpt, items, out_dir):
         score_rows += [[condition, row, path, label, float(z), float(p_raw), float(p), threshold, ">" if strict else ">=",
                         args.protocol or "", str(ckpt)]
                        for (path, label, row), z, p_raw, p in zip(kept, mean_logits, raw, probs)]
-        by_row = [(name, labels[[i for i, item in enumerate(kept) if item[2] == name]],
-                   probs[[i for i, item in enumerate(kept) if item[2] == name]])
-                  for name in dict.fromkeys(item[2] for item in kept)]
+        row_of = np.array([item[2] for item in kept], dtype=object)
+        by_row = [(name, labels[row_of == name], probs[row_of == name]) for name in dict.fromkeys(row_of)]
         scored[condition] = (by_row, rows)
         if statistics and args.bootstrap:
             intervals = statistics.table_intervals(by_row, threshold, strict, args.bootstrap, args.seed)
