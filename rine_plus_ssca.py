@@ -1,9 +1,10 @@
 """RINE+SSCA: tell real photographs from AI-generated images.
 
 One file, read top to bottom: configuration, setup, losses, modules, model, data,
-evaluation, pictures, checkpoints, training, command line. The tools that are not the
-detector (benchmark protocols, check-data, RINE's format, heatmaps, eval's pictures) are
-in the package rine_plus_ssca_tools/ beside it; this file alone trains, evaluates and predicts.
+evaluation, checkpoints, training, command line. The tools that are not the detector
+(benchmark protocols, check-data, RINE's format, heatmaps, pictures, statistics, --seeds,
+torchrun) are in the package rine_plus_ssca_tools/ beside it; this file alone trains,
+evaluates and predicts.
 
     python rine_plus_ssca.py --demo                  # offline: tiny backbone, generated data, ~2.5 min on a 2-core CPU
     python rine_plus_ssca.py                         # train with the constants below (data/train, data/val)
@@ -37,7 +38,6 @@ import functools
 import hashlib
 import importlib
 import io
-import json
 import math
 import os
 import pickle
@@ -245,7 +245,7 @@ class RunInterrupted(UserError):
         self.exit_code = 128 + int(signal_number)
 
 
-TOOLS_PACKAGE = "rine_plus_ssca_tools"  # beside this file: protocols, check-data, RINE's format, heatmaps, plots
+TOOLS_PACKAGE = "rine_plus_ssca_tools"  # beside this file: what is not the detector (its __init__ lists the modules)
 
 
 def tools_module(name, needed_by):
@@ -258,6 +258,15 @@ def tools_module(name, needed_by):
             raise
         raise UserError(f"{needed_by} needs the folder {TOOLS_PACKAGE}/ beside rine_plus_ssca.py (it comes with the "
                         "project; clone the whole repository or `pip install -e .`).") from error
+
+
+def optional_tools_module(name, needed_by, done_without):
+    """tools_module(name), or None after a note saying what is done without it (pictures, warnings)."""
+    try:
+        return tools_module(name, needed_by)
+    except UserError as missing:
+        print(f"note: {missing} {done_without}")
+        return None
 
 
 def default_config():
@@ -1530,11 +1539,10 @@ def prepare_splits(cfg):
         print(f"calibration: {len(kept_apart)} of the {len(val_items)} validation images ({labels.count(0)} real, "
               f"{labels.count(1)} fake) are kept apart from choosing the best epoch; the temperature and the "
               "threshold are fitted on them")
-    try:  # the shortcut warnings of check-data, from file headers (the package's bias report)
-        bias_report = tools_module("bias_report", "Warning of shortcuts in the training data")
+    bias_report = optional_tools_module("bias_report", "Warning of shortcuts in the training data",
+                                        "Training goes on without them.")
+    if bias_report:  # the shortcut warnings of check-data, from file headers
         bias_report.print_shortcut_warnings(train_items, cfg.CROP_SIZE, cfg.DATA_SEED)
-    except UserError as missing:
-        print(f"note: {missing} Training goes on without them.")
     if cfg.BATCH_SIZE == 1 and cfg.XI > 0:
         print("warning: BATCH_SIZE=1: SupCon needs two images of a class in a batch, so its term is always 0. "
               "Use --batch-size 2 or more (RINE: 128), or --xi 0 to train without it.")
@@ -2165,55 +2173,6 @@ def evaluate_folder(model, data_dir, batch_size=64, num_workers=4, threshold=Non
 
 
 # =====================================================================================
-# Pictures of a training run (matplotlib, headless); eval's are in rine_plus_ssca_tools/plots.py
-# =====================================================================================
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no screen needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_training_curves(history, loss_rows, steps_per_epoch, path):
-    """Left: the training losses by step (train_log.csv) and the validation BCE at each epoch's end; right:
-    validation accuracy, AP and AUC per epoch. Markers and line styles differ, so equal curves stay visible."""
-    plt = _pyplot()
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [row["run_step"] for row in loss_rows]
-    loss_axis.plot(steps, [row["train_bce"] for row in loss_rows], "-", label="train BCE / image")
-    loss_axis.plot(steps, [row["train_supcon"] for row in loss_rows], "--", label="train SupCon")
-    loss_axis.plot([m["epoch"] * steps_per_epoch for m in history], [m["val_bce"] for m in history], "ko:",
-                   label="val BCE / image (epoch end)")
-    loss_axis.set(xlabel="step", ylabel="loss", title="losses")
-    loss_axis.legend()
-    epochs = [m["epoch"] for m in history]
-    for (key, style) in (("acc", "o-"), ("ap", "s--"), ("auc", "^:")):
-        metric_axis.plot(epochs, [m[key] for m in history], style, label=f"val {key}", alpha=0.8)
-    metric_axis.set(xlabel="epoch", ylim=(0, 1.02), title="validation", xticks=epochs)
-    metric_axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_block_importance(model, path):
-    """TIE importance per block (softmax(alpha) averaged over channels), RINE's figure."""
-    plt = _pyplot()
-    weights = model.block_importance().numpy()
-    figure, axis = plt.subplots(figsize=(max(5, 0.35 * len(weights)), 3.5))
-    axis.bar([str(b) for b in model.backbone.blocks], weights)
-    axis.axhline(1.0 / len(weights), color="gray", linestyle="--", label="uniform")
-    axis.set(xlabel="CLIP block", ylabel="importance", title="TIE block importance")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-# =====================================================================================
 # Checkpoints: small, plain, loadable with weights_only=True
 # =====================================================================================
 
@@ -2358,7 +2317,7 @@ def read_checkpoint(path):
     with open(path, "rb") as f:
         header = f.read(9)
     if header[8:9] == b"{":  # safetensors: an 8-byte length, then a JSON header
-        checkpoint = read_exported(path)
+        checkpoint = tools_module("rine_format", "Loading an exported .safetensors file").read_exported(path)
     else:
         checkpoint = read_torch_checkpoint(path)
     if isinstance(checkpoint, dict) and "alpha" in checkpoint and any(key.startswith("proj1.") for key in checkpoint):
@@ -2388,25 +2347,6 @@ def read_torch_checkpoint(path):
     except Exception as error:
         raise UserError(f"{path} is not a checkpoint this script can load safely ({type(error).__name__}); "
                         "only files written by rine_plus_ssca.py are accepted.") from error
-
-
-def read_exported(path):
-    """A file written by the export command: tensors, with config, metrics and calibration as JSON metadata."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        checkpoint = {"format": int(metadata.get("format", "0")), "config": json.loads(metadata["config"]),
-                      "model": tensors, "metrics": json.loads(metadata.get("metrics", "{}")),
-                      "backbone_folder": metadata.get("backbone_folder") or None}
-        if "calibration" in metadata:
-            checkpoint["calibration"] = json.loads(metadata["calibration"])
-        return checkpoint
-    except Exception as error:  # not safetensors, or safetensors without our metadata
-        raise UserError(f"{path} is not a file written by `rine_plus_ssca.py export` ({type(error).__name__}: "
-                        f"{first_line(error)}).") from error
 
 
 def resolve_backbone_location(clip_model, checkpoint_path, backbone_folder=None):
@@ -2709,79 +2649,52 @@ def nonfinite_error(epoch, step, cfg, last_path):
                      f"or try --amp off; {kept}.")
 
 
-class Processes(NamedTuple):
-    """This process's place in the run: rank 0 of 1 without torchrun."""
-    rank: int
-    world_size: int
-    device: torch.device
-    control_group: object  # carries the processes' joint decisions; None in one process
+class OneProcess:
+    """The run's processes when there is one. Training makes its joint decisions through these calls; under
+    torchrun rine_plus_ssca_tools/distributed.py's TorchrunProcesses answers the same calls across the
+    processes (a step taken by all or none, one verdict on stopping, the losses of the global batch)."""
 
+    rank, world_size = 0, 1
 
-def setup_distributed(cfg):
-    """Processes(rank, world_size, device, control_group). Under torchrun (WORLD_SIZE > 1) joins the process group:
-    NCCL with one GPU per process, gloo on the CPU. Other ranks print nothing.
+    def __init__(self, device):
+        self.device = device
 
-    control_group (None in one process) carries the processes' joint decisions (stop now, the file
-    list) on the CPU, over gloo, so that making them never waits for the GPU.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Processes(0, 1, resolve_device(cfg.DEVICE), None)
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and cfg.DEVICE != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    control_group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
-    rank = dist.get_rank()
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints and saves
-    if cfg.BATCH_SIZE % world_size:
-        raise UserError(f"BATCH_SIZE={cfg.BATCH_SIZE} must be divisible by the {world_size} processes (it is the global batch).")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Processes(rank, world_size, device, control_group)
-
-
-def on_rank_zero(compute, rank, control_group):
-    """compute() done by process 0 alone and its result (or its error) handed to all processes.
-
-    For work that reads every file (listing the data, the cache's key): once, not once per process,
-    and a UserError ends every process, not only the one that found it.
-    """
-    if control_group is None:
+    def once(self, compute):  # work that reads every file: done by process 0, its result given to all
         return compute()
-    import torch.distributed as dist
 
-    outcome = [None]
-    if rank == 0:
-        try:
-            outcome[0] = ("result", compute())
-        except UserError as error:
-            outcome[0] = ("user error", str(error))
-        except BaseException as error:
-            dist.broadcast_object_list([("failure", f"{type(error).__name__}: {error}")], src=0, group=control_group)
-            raise
-    dist.broadcast_object_list(outcome, src=0, group=control_group)
-    kind, value = outcome[0]
-    if kind == "user error":
-        raise UserError(value)
-    if kind == "failure":
-        raise RuntimeError(f"process 0 failed: {value}")
-    return value
+    def all_have(self, has_images):  # whether every process has images for this step
+        return has_images
 
+    def share_stop_reasons(self, bad_logs, stop=None):  # a stop or unreadable images seen by one stops all
+        pass
 
-def gather_scores(arrays, bce_sum, world_size):
-    """Validation results of all processes: each array concatenated, the BCE sums added (identity in one process)."""
-    if world_size == 1:
+    def gather(self, arrays, bce_sum):  # the validation scores of every process
         return arrays, bce_sum
-    import torch.distributed as dist
 
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, (arrays, bce_sum))
-    return (tuple(np.concatenate([g[0][i] for g in gathered]) for i in range(len(arrays))),
-            sum(g[1] for g in gathered))
+    def for_training(self, model, cfg):  # DistributedDataParallel under torchrun
+        return model
+
+    def first_nonfinite_step(self, first_step):  # the first NaN/inf step of any process
+        return first_step
+
+    def seed_dropout(self, seed, epoch, step):  # one process keeps SEED's dropout stream
+        pass
+
+    def end_epoch(self, progress, model):  # the global batch's losses, process 0's BatchNorm statistics
+        pass
+
+    def wait_for_process_zero(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def join_processes(cfg):
+    """OneProcess, or this process's place in a torchrun run (WORLD_SIZE > 1), from the package beside this file."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return OneProcess(resolve_device(cfg.DEVICE))
+    return tools_module("distributed", "Training under torchrun").join(cfg)
 
 
 class GracefulStop:
@@ -2841,46 +2754,15 @@ class GracefulStop:
                               "Continue with --resume.", received)
 
 
-def end_run_if_asked(bad_logs, stop=None, control_group=None):
+def end_run_if_asked(bad_logs, procs, stop=None):
     """Between steps: end the run when a split has too many unreadable images (UserError) or when a stop
-    was asked for (KeyboardInterrupt, then saved by train).
-
-    Under torchrun all processes reach the same verdict at the same step, whichever of them saw the
-    images or the signal: one that stopped alone would leave the others waiting in a collective.
-    """
-    if control_group is not None:
-        import torch.distributed as dist
-
-        asked = stop.requested if stop is not None else 0
-        counts = torch.tensor([int(asked == signal.SIGINT), int(asked == signal.SIGTERM)] + [len(log.bad) for log in bad_logs])
-        dist.all_reduce(counts, group=control_group)
-        for log, n_bad in zip(bad_logs, counts[2:].tolist()):
-            if log.too_many(n_bad):  # at most this many: one image can be unreadable to several processes
-                found = [None] * dist.get_world_size(control_group)
-                dist.all_gather_object(found, list(log.bad), group=control_group)
-                log.check(sorted(set().union(*found)))
-        if stop is not None and not stop.requested and counts[:2].any():
-            stop.requested = signal.SIGTERM if counts[1] else signal.SIGINT
+    was asked for (KeyboardInterrupt, then saved by train). Under torchrun every process reaches the same
+    verdict at the same step, whichever of them saw the images or the signal."""
+    procs.share_stop_reasons(bad_logs, stop)
     for log in bad_logs:
         log.check()
     if stop is not None:
         stop.check()
-
-
-def wrap_for_training(model, cfg, device, world_size):
-    """The model as the training step calls it: with SyncBatchNorm and DDP under torchrun, compiled if asked."""
-    step_model = model
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if device.type == "cuda":  # the spectral branch's BatchNorms see the global batch (SyncBatchNorm runs on GPUs only)
-            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module: same parameters
-        # With XI = 0 the SupCon projection gets no gradient; DDP must be told to expect that.
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                             find_unused_parameters=cfg.XI == 0)
-    if cfg.COMPILE:
-        step_model = torch.compile(step_model)
-    return step_model
 
 
 class Learner(NamedTuple):
@@ -2895,11 +2777,14 @@ class Learner(NamedTuple):
     world_size: int = 1
 
 
-def make_learner(model, cfg, device, world_size=1):
+def make_learner(model, cfg, procs):
     """The Learner of a model built by build_model: its optimizer, scaler and step_model."""
-    amp_dtype = resolve_amp_dtype(cfg.AMP, device)
-    return Learner(model, wrap_for_training(model, cfg, device, world_size), make_optimizer(model, cfg),
-                   torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype, world_size)
+    amp_dtype = resolve_amp_dtype(cfg.AMP, procs.device)
+    step_model = procs.for_training(model, cfg)
+    if cfg.COMPILE:
+        step_model = torch.compile(step_model)
+    return Learner(model, step_model, make_optimizer(model, cfg), torch.amp.GradScaler(
+        procs.device.type, enabled=amp_dtype == torch.float16), procs.device, amp_dtype, procs.world_size)
 
 
 def training_step(learner, batch, cfg, cache=None):
@@ -2925,25 +2810,6 @@ def update_weights(learner):
     """The optimizer step for the gradients training_step left (skipped by the scaler on inf/NaN fp16 gradients)."""
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
-
-
-def every_process_has_images(has_images, control_group):
-    """Whether every process has images for this step. Under torchrun a step is taken by all processes or by
-    none: DDP's gradient all-reduce waits for all of them, so one whose whole share of the batch was
-    unreadable must not skip alone."""
-    if control_group is None:
-        return has_images
-    flag = torch.tensor([int(has_images)])
-    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN, group=control_group)
-    return bool(flag.item())
-
-
-def seed_dropout_per_process(seed, rank, world_size, epoch, step):
-    """Under torchrun, each process its own dropout stream, from SEED, the rank and the starting position
-    (with one seed every process would drop the same units). One process keeps SEED's stream.
-    Augmentation needs nothing: each image's view is seeded from (SEED, image, view) in the sampler."""
-    if world_size > 1:
-        torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_033 + epoch) * 1_000_037 + step)
 
 
 class Progress:
@@ -3009,14 +2875,6 @@ class LossLog:
                                     repr(since[0] / since[2]), repr(since[1] / since[2])])
 
 
-def read_loss_log(path):
-    """train_log.csv's rows as dicts of numbers ([] when there is none)."""
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def start_or_resume(cfg, learner):
     """Epoch 1, step 0; or (--resume) where the last checkpoint stopped, with its weights, optimizer and RNG."""
     if not cfg.RESUME:
@@ -3078,13 +2936,12 @@ def open_caches(cfg, train_items, val_items, backbone, procs):
               f"{cfg.CACHE_VIEWS + 1}.. see the views of epochs 1.. again, where a run without the cache draws new "
               f"ones; --cache-views {cfg.EPOCHS} trains what it trains.")
     caches = tools_module("feature_cache", "CACHE_FEATURES (--cache-features)")
-    train_folder, val_folder = on_rank_zero(lambda: (
+    train_folder, val_folder = procs.once(lambda: (
         caches.feature_cache_folder("train", train_items, cfg, backbone, cfg.CACHE_VIEWS),
-        caches.feature_cache_folder("val", val_items, cfg, backbone, 1)), procs.rank, procs.control_group)
+        caches.feature_cache_folder("val", val_items, cfg, backbone, 1)))
     train_cache = caches.open_feature_cache("train", train_items, cfg, backbone, cfg.CACHE_VIEWS, procs.rank, train_folder)
     val_cache = caches.open_feature_cache("val", val_items, cfg, backbone, 1, procs.rank, val_folder)
-    if procs.world_size > 1:
-        torch.distributed.barrier()  # rank 0 has made the files
+    procs.wait_for_process_zero()  # it has made the files
     return train_cache, val_cache
 
 
@@ -3120,10 +2977,9 @@ class NonfiniteWatch:
         is_first = (self.first_step < 0) & ~torch.isfinite(loss)
         self.first_step = torch.where(is_first, step, self.first_step)
 
-    def check(self, epoch, cfg, world_size):
-        """Stop with a UserError naming the step when a loss was NaN/inf."""
-        if world_size > 1:
-            torch.distributed.all_reduce(self.first_step, torch.distributed.ReduceOp.MAX)
+    def check(self, epoch, cfg, procs):
+        """Stop with a UserError naming the step when a loss was NaN/inf (in any process)."""
+        procs.first_nonfinite_step(self.first_step)
         if self.first_step.item() >= 0:
             raise nonfinite_error(epoch, int(self.first_step.item()), cfg, Path(cfg.CHECKPOINT_DIR) / LAST_NAME)
 
@@ -3133,7 +2989,7 @@ def train_epoch(progress, learner, data, cfg, procs, stop, loss_log):
 
     Between steps: the last checkpoint every SAVE_EVERY_STEPS steps, and the end of the run when a stop
     was asked for or too many images were unreadable (end_run_if_asked). Under torchrun a step is taken
-    by every process or by none (every_process_has_images).
+    by every process or by none (procs.all_have).
     """
     from tqdm import tqdm
 
@@ -3146,7 +3002,7 @@ def train_epoch(progress, learner, data, cfg, procs, stop, loss_log):
     nonfinite = NonfiniteWatch(learner.device)
     for batch in batches:
         data.train_bad.add(batch.bad, write=batches.write)
-        take_step = every_process_has_images(batch.pixels is not None, procs.control_group)
+        take_step = procs.all_have(batch.pixels is not None)
         if take_step:
             bce, supcon, loss = training_step(learner, batch, cfg, data.train_cache)
             nonfinite.note(loss, progress.step + 1)
@@ -3157,20 +3013,17 @@ def train_epoch(progress, learner, data, cfg, procs, stop, loss_log):
             progress.step += 1
         at_save_step = cfg.SAVE_EVERY_STEPS and progress.step % cfg.SAVE_EVERY_STEPS == 0
         if progress.step % cfg.LOG_EVERY == 0 or at_save_step:
-            nonfinite.check(epoch, cfg, procs.world_size)
+            nonfinite.check(epoch, cfg, procs)
             bce_avg, supcon_avg = progress.mean_losses()
             batches.set_postfix(bce=f"{bce_avg:.4f}", supcon=f"{supcon_avg:.4f}")
             loss_log.write(progress, data.sampler.batches_per_epoch(), learner.optimizer.param_groups[0]["lr"])
         if at_save_step and procs.rank == 0:
             save_last(Path(cfg.CHECKPOINT_DIR) / LAST_NAME, learner, progress, cfg)
-        end_run_if_asked([data.train_bad], stop, procs.control_group)
+        end_run_if_asked([data.train_bad], procs, stop)
     batches.close()
-    nonfinite.check(epoch, cfg, procs.world_size)
+    nonfinite.check(epoch, cfg, procs)
     loss_log.write(progress, data.sampler.batches_per_epoch(), learner.optimizer.param_groups[0]["lr"])
-    if procs.world_size > 1:
-        torch.distributed.all_reduce(progress.sums)  # losses of the whole global batch
-        for buffer in learner.model.buffers():  # BatchNorm statistics: evaluate exactly what rank 0 saves
-            torch.distributed.broadcast(buffer, 0)
+    procs.end_epoch(progress, learner.model)  # the global batch's losses; validate exactly what process 0 saves
 
 
 def validate(progress, learner, data, cfg, procs):
@@ -3181,10 +3034,10 @@ def validate(progress, learner, data, cfg, procs):
     indices, labels, probs, logits, val_bce_sum, bad = score_loader(learner.model, data.val_loader, learner.device,
                                                                     learner.amp_dtype, data.val_cache)
     data.val_bad.add(bad)
-    end_run_if_asked([data.val_bad], control_group=procs.control_group)
+    end_run_if_asked([data.val_bad], procs)
     for_calibration = np.array([data.val_loader.dataset.paths[i] in data.calibration_paths for i in indices], dtype=bool)
-    (labels, probs, logits, for_calibration), val_bce_sum = gather_scores((labels, probs, logits, for_calibration),
-                                                                          val_bce_sum, procs.world_size)
+    (labels, probs, logits, for_calibration), val_bce_sum = procs.gather((labels, probs, logits, for_calibration),
+                                                                         val_bce_sum)
     flush_caches(data)
     calibration_part = (labels[for_calibration], logits[for_calibration])
     if for_calibration.any():  # the best epoch is chosen on the other images only
@@ -3225,19 +3078,19 @@ def out_of_memory_error(cfg):
 
 def report_training(progress, model, data, cfg, procs):
     """After the last epoch: the block importances, the pictures and the table of every epoch's validation."""
-    if procs.world_size > 1:
-        torch.distributed.destroy_process_group()
+    procs.close()
     if data.train_cache is not None and data.train_cache.damaged + data.val_cache.damaged:
         print(f"feature cache: {data.train_cache.damaged + data.val_cache.damaged} damaged entries were recomputed")
     print()
     print_block_importance(model)
     checkpoint_dir = Path(cfg.CHECKPOINT_DIR)
-    if procs.rank == 0:
-        plot_training_curves(progress.history, read_loss_log(checkpoint_dir / LOSS_LOG_NAME),
-                             data.sampler.batches_per_epoch(), checkpoint_dir / "training_curves.png")
-        plot_block_importance(model, checkpoint_dir / "tie_block_importance.png")
-    print(f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}; "
-          f"losses every {cfg.LOG_EVERY} steps: {checkpoint_dir / LOSS_LOG_NAME}")
+    plots = optional_tools_module("plots", "Drawing training's pictures", "The run is saved without them.")
+    if plots and procs.rank == 0:
+        plots.plot_training_curves(progress.history, plots.read_loss_log(checkpoint_dir / LOSS_LOG_NAME),
+                                   data.sampler.batches_per_epoch(), checkpoint_dir / "training_curves.png")
+        plots.plot_block_importance(model, checkpoint_dir / "tie_block_importance.png")
+    pictures = f"pictures: {checkpoint_dir / 'training_curves.png'}, {checkpoint_dir / 'tie_block_importance.png'}; "
+    print(f"{pictures if plots else ''}losses every {cfg.LOG_EVERY} steps: {checkpoint_dir / LOSS_LOG_NAME}")
     print(f"\nvalidation, every epoch (train losses per image; best by {cfg.SELECT_METRIC} saved to "
           f"{checkpoint_dir / BEST_NAME}):")
     print(format_table(HISTORY_COLUMNS, [history_row(m) for m in progress.history]))
@@ -3272,20 +3125,20 @@ def train(cfg):
     steps and saves where to continue (--resume).
     """
     validate_config(cfg)
-    procs = setup_distributed(cfg)  # one process, or this one of torchrun's
+    procs = join_processes(cfg)  # one process, or this one of torchrun's
     seed_everything(cfg.SEED)
     configure_determinism(cfg.DETERMINISTIC)
-    train_items, val_items = on_rank_zero(lambda: prepare_splits(cfg), procs.rank, procs.control_group)
+    train_items, val_items = procs.once(lambda: prepare_splits(cfg))
     if procs.world_size > 1 and len(train_items) < cfg.BATCH_SIZE:
         raise UserError(f"{len(train_items)} training images are fewer than one batch of {cfg.BATCH_SIZE}; lower --batch-size.")
     model = build_model(cfg, procs.device)
-    learner = make_learner(model, cfg, procs.device, procs.world_size)
+    learner = make_learner(model, cfg, procs)
     print_set_up(learner, cfg)
     progress = start_or_resume(cfg, learner)
     if progress.epoch > cfg.EPOCHS:
         print(f"nothing left to do: the run in {cfg.CHECKPOINT_DIR} finished its {progress.epoch - 1} epoch(s), and "
               f"EPOCHS is {cfg.EPOCHS}; pass a larger --epochs with --resume to train on.")
-    seed_dropout_per_process(cfg.SEED, procs.rank, procs.world_size, progress.epoch, progress.step)
+    procs.seed_dropout(cfg.SEED, progress.epoch, progress.step)
     data = open_training_data(cfg, train_items, val_items, model.backbone, procs)
     best_path, last_path = Path(cfg.CHECKPOINT_DIR) / BEST_NAME, Path(cfg.CHECKPOINT_DIR) / LAST_NAME
     provenance()  # worked out now (it reads the source and asks git), so that saving on the way out stays quick
@@ -3307,7 +3160,7 @@ def train(cfg):
                 if procs.rank == 0:
                     save_last(last_path, learner, progress, cfg)
                 print_epoch(metrics, started, f"  <- best {cfg.SELECT_METRIC}, saved {best_path}" if best else "")
-                end_run_if_asked([], stop, procs.control_group)
+                end_run_if_asked([], procs, stop)
         except KeyboardInterrupt:
             raise report_interruption(progress, learner, cfg, procs.rank, stop, loss_log,
                                       data.sampler.batches_per_epoch())
@@ -3318,45 +3171,6 @@ def train(cfg):
     report_training(progress, model, data, cfg, procs)
     return best_path
 
-
-def train_seeds(cfg, seeds):
-    """Train the configuration once per seed, each in CHECKPOINT_DIR/seed_<n>; print the validation metrics of
-    each best checkpoint and their mean +- std. Returns the best checkpoints' paths.
-
-    Only SEED changes (the head's initial weights, the batch order, dropout); DATA_SEED stays, so every run
-    validates on the same images and reads the same cached tokens (CACHE_DIR is shared).
-    """
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds takes distinct seeds, e.g. 0,1,2 (got {seeds}).")
-    base = Path(cfg.CHECKPOINT_DIR)
-    shared = dict(CACHE_DIR=cfg.CACHE_DIR or str(base / "cache"))
-    best_paths, seconds = [], []
-    for seed in seeds:
-        print(f"\n=== seed {seed} ({len(best_paths) + 1} of {len(seeds)}), in {base / f'seed_{seed}'}")
-        run_cfg = SimpleNamespace(**{**vars(cfg), **shared, "SEED": seed, "CHECKPOINT_DIR": str(base / f"seed_{seed}")})
-        if cfg.RESUME and not (Path(run_cfg.CHECKPOINT_DIR) / LAST_NAME).exists():
-            print(f"note: no {LAST_NAME} in {run_cfg.CHECKPOINT_DIR} to resume; seed {seed} starts from the beginning")
-            run_cfg.RESUME = False  # --resume after a stop: the seeds not reached yet start from scratch
-        started = time.time()
-        best_paths.append(train(run_cfg))
-        seconds.append(time.time() - started)
-    rows = []
-    for seed, path in zip(seeds, best_paths):
-        metrics = read_checkpoint(path)["metrics"]
-        rows.append([seed, metrics["epoch"]] + [float(metrics[m]) for m in SEED_SUMMARY_METRICS])
-    values = np.array([row[2:] for row in rows], dtype=np.float64)
-    spread = np.std(values, axis=0, ddof=1) if len(rows) > 1 else np.full(values.shape[1], np.nan)
-    print(f"\nvalidation metrics of the best epoch of each seed ({len(seeds)} runs):")
-    print(format_table(["seed", "epoch"] + list(SEED_SUMMARY_METRICS),
-                       rows + [["mean", ""] + values.mean(axis=0).tolist(), ["std", ""] + spread.tolist()]))
-    print("time per seed: " + ", ".join(f"{t:.0f} s" for t in seconds)
-          + (" (the first fills the feature cache)" if cfg.CACHE_FEATURES else ""))
-    print("Each run chose its epoch on these validation images; test them together with "
-          f"`python rine_plus_ssca.py eval --ckpt {base}/seed_*/{BEST_NAME} --data <test folder>`.")
-    return best_paths
-
-
-SEED_SUMMARY_METRICS = ("val_bce", "acc", "ap", "auc")
 
 HISTORY_COLUMNS = ["epoch", "train_bce", "train_supcon", "val_bce", "acc", "ap", "auc", "real_acc", "fake_acc"]
 
@@ -3659,9 +3473,10 @@ def evaluate_checkpoint(args, ckpt, items, out_dir):
             written.append(f"{stem}_robustness_{kind}.png")
     print()
     print_block_importance(model)
-    tie_plot = f"tie_block_importance_{Path(ckpt).stem}.png"  # not training's own tie_block_importance.png
-    plot_block_importance(model, out_dir / tie_plot)
-    written.append(tie_plot)
+    if plots:
+        tie_plot = f"tie_block_importance_{Path(ckpt).stem}.png"  # not training's own tie_block_importance.png
+        plots.plot_block_importance(model, out_dir / tie_plot)
+        written.append(tie_plot)
     if no_tools:
         print(no_tools)
     print(f"wrote in {out_dir}: " + ", ".join(written))
@@ -3850,7 +3665,7 @@ def main(argv=None):
             raise UserError("--seeds trains your data; run --demo once first, then train on data/demo with --seeds "
                             "(docs/GUIDE.md, Comparing models).")
         if seeds is not None:
-            train_seeds(cfg, seeds)
+            tools_module("seeds", "--seeds").train_seeds(cfg, seeds)
         else:
             run_demo(cfg) if demo else train(cfg)
         return 0

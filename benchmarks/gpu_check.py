@@ -178,7 +178,7 @@ def synthetic_batch(batch_size, device, crop):
 
 def training_step_peak_gb(model, cfg, device, batch_size):
     """Peak GPU memory (GB) of one training step (Adam's state included), or None when it runs out of memory."""
-    learner = rps.make_learner(model, cfg, device)
+    learner = rps.make_learner(model, cfg, rps.OneProcess(device))
     model.train()
     torch.cuda.reset_peak_memory_stats(device)
     try:

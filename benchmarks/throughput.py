@@ -86,7 +86,7 @@ def timed(function, device, repeats):
 
 def training_epoch(model, loader, sampler, cfg, device, cache=None, step_model=None):
     """One epoch of the script's training step over the loader (step_model: e.g. the torch.compile'd model)."""
-    learner = rps.make_learner(model, cfg, device)
+    learner = rps.make_learner(model, cfg, rps.OneProcess(device))
     if step_model is not None:
         learner = learner._replace(step_model=step_model)
     sampler.set_epoch(1)

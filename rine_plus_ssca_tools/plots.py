@@ -1,11 +1,68 @@
-"""The pictures eval writes next to its tables: ROC and precision-recall curves, the reliability diagram,
-and the robustness curves of a perturbation sweep. Training's own pictures (training_curves.png,
-tie_block_importance.png) are drawn by the script, so a training run writes them without this package.
+"""The pictures of a training run and of eval (matplotlib, headless): training's losses and validation
+metrics (training_curves.png) and TIE's block importance (tie_block_importance.png); eval's ROC and
+precision-recall curves, reliability diagram, and the robustness curves of a perturbation sweep.
+Without this package training and eval still write their checkpoints and tables, and say so in one line.
 """
+
+import csv
+from pathlib import Path
 
 import numpy as np
 
-from rine_plus_ssca import ECE_BINS, METRIC_COLUMNS, _pyplot, expected_calibration_error, reliability_bins
+from rine_plus_ssca import ECE_BINS, METRIC_COLUMNS, expected_calibration_error, reliability_bins
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(history, loss_rows, steps_per_epoch, path):
+    """Left: the training losses by step (train_log.csv) and the validation BCE at each epoch's end; right:
+    validation accuracy, AP and AUC per epoch. Markers and line styles differ, so equal curves stay visible."""
+    plt = _pyplot()
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [row["run_step"] for row in loss_rows]
+    loss_axis.plot(steps, [row["train_bce"] for row in loss_rows], "-", label="train BCE / image")
+    loss_axis.plot(steps, [row["train_supcon"] for row in loss_rows], "--", label="train SupCon")
+    loss_axis.plot([m["epoch"] * steps_per_epoch for m in history], [m["val_bce"] for m in history], "ko:",
+                   label="val BCE / image (epoch end)")
+    loss_axis.set(xlabel="step", ylabel="loss", title="losses")
+    loss_axis.legend()
+    epochs = [m["epoch"] for m in history]
+    for (key, style) in (("acc", "o-"), ("ap", "s--"), ("auc", "^:")):
+        metric_axis.plot(epochs, [m[key] for m in history], style, label=f"val {key}", alpha=0.8)
+    metric_axis.set(xlabel="epoch", ylim=(0, 1.02), title="validation", xticks=epochs)
+    metric_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_block_importance(model, path):
+    """TIE importance per block (softmax(alpha) averaged over channels), RINE's figure."""
+    plt = _pyplot()
+    weights = model.block_importance().numpy()
+    figure, axis = plt.subplots(figsize=(max(5, 0.35 * len(weights)), 3.5))
+    axis.bar([str(b) for b in model.backbone.blocks], weights)
+    axis.axhline(1.0 / len(weights), color="gray", linestyle="--", label="uniform")
+    axis.set(xlabel="CLIP block", ylabel="importance", title="TIE block importance")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def read_loss_log(path):
+    """train_log.csv's rows as dicts of numbers ([] when there is none)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot_roc_pr(labels, probs, path):

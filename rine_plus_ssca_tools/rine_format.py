@@ -3,7 +3,7 @@
     python rine_plus_ssca.py import-rine --ckpt model_4class_trainable.pth --out checkpoints/rine_4class.pth
     python rine_plus_ssca.py export --ckpt checkpoints/best_rine_plus_ssca.pth --out detector.safetensors
 
-load_detector reads an exported .safetensors file by itself (the script's read_exported).
+load_detector reads an exported .safetensors file through read_exported below.
 """
 
 import hashlib
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from rine_plus_ssca import (CHECKPOINT_FORMAT, CHOICES, CLIP_MODEL, OneLineErrorParser, UserError, atomic_torch_save,
-                            atomic_write_bytes, checkpoint_config, checkpoint_record, default_config, parse_block_list,
-                            read_checkpoint)
+                            atomic_write_bytes, checkpoint_config, checkpoint_record, default_config, first_line,
+                            parse_block_list, read_checkpoint)
 
 
 # RINE's released trainable checkpoints (github.com/mever-team/rine, ckpt/model_*_trainable.pth) are plain
@@ -118,9 +118,28 @@ def build_export_parser():
     return parser
 
 
+def read_exported(path):
+    """A file written by the export command: tensors, with config, metrics and calibration as JSON metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        checkpoint = {"format": int(metadata.get("format", "0")), "config": json.loads(metadata["config"]),
+                      "model": tensors, "metrics": json.loads(metadata.get("metrics", "{}")),
+                      "backbone_folder": metadata.get("backbone_folder") or None}
+        if "calibration" in metadata:
+            checkpoint["calibration"] = json.loads(metadata["calibration"])
+        return checkpoint
+    except Exception as error:  # not safetensors, or safetensors without our metadata
+        raise UserError(f"{path} is not a file written by `rine_plus_ssca.py export` ({type(error).__name__}: "
+                        f"{first_line(error)}).") from error
+
+
 def run_export(args):
     """The export command: trainable weights to safetensors, config, metrics and calibration as JSON metadata
-    (read_exported)."""
+    (read back by read_exported)."""
     from safetensors.torch import save
 
     checkpoint = read_checkpoint(args.ckpt)

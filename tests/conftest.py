@@ -257,9 +257,9 @@ def folder_contents(root):
             for path in sorted(Path(root).rglob("*")) if path.is_file()}
 
 
-def run_copied_script(args, cwd, timeout=900):
+def run_copied_script(args, cwd, timeout=900, env_extra=None):
     """`python rine_plus_ssca.py ARGS` with the copy of the script in cwd (not the repository's), captured."""
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH="")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH="", **(env_extra or {}))
     return subprocess.run([sys.executable, "-I", SCRIPT.name, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

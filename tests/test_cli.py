@@ -225,6 +225,11 @@ def test_the_script_alone_in_an_empty_folder_trains_evaluates_and_predicts(demo)
     cwd, result = demo
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in cwd.iterdir()) == ["checkpoints", "data", "rine_plus_ssca.py"]
+    # Training's pictures are the package's: one note says the run is saved without them.
+    notes = [line for line in result.stdout.splitlines() if "pictures needs the folder rine_plus_ssca_tools/" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: Drawing training's pictures needs the folder"), notes
+    assert notes[0].endswith("The run is saved without them.")
+    assert not any((cwd / "checkpoints/demo" / name).exists() for name in ("training_curves.png", "tie_block_importance.png"))
     ckpt = Path("checkpoints/demo") / rps.BEST_NAME
     evaluated = run_copied_script(["eval", "--ckpt", ckpt, "--data", "data/demo/test", "--num-workers", "0",
                                    "--out", "alone_eval"], cwd=cwd)

@@ -16,7 +16,8 @@ import rine_plus_ssca as rps
 from conftest import REPO, SCRIPT, nonempty_lines, run_copied_script, run_script
 
 PACKAGE = REPO / "rine_plus_ssca_tools"
-MODULES = ("protocols", "data_check", "rine_format", "heatmaps", "plots")
+MODULES = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__")
+STANDALONE = {"bias_report"}  # reads file headers only: imports nothing of the project
 MISSING = "needs the folder rine_plus_ssca_tools/ beside rine_plus_ssca.py"
 
 
@@ -43,9 +44,11 @@ def imported_names(tree, top_level_only):
 def test_the_package_imports_the_script_and_the_script_never_imports_the_package_at_import_time(tmp_path):
     script_imports = imported_names(ast.parse(SCRIPT.read_text(encoding="utf-8")), top_level_only=True)
     assert not [name for name in script_imports if name.split(".")[0] == "rine_plus_ssca_tools"], script_imports
+    assert {"distributed", "seeds", "plots", "heatmaps", "protocols"} <= set(MODULES), MODULES
     for module in MODULES:
         tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
-        assert "rine_plus_ssca" in imported_names(tree, top_level_only=True), module
+        imports = imported_names(tree, top_level_only=True)
+        assert ("rine_plus_ssca" in imports or "rine_plus_ssca_tools" in imports) != (module in STANDALONE), module
     # Importing the script loads nothing of the package; a command's module is loaded when asked for.
     code = ("import sys, rine_plus_ssca as m\n"
             "tools = lambda: sorted(n for n in sys.modules if n.split('.')[0] == 'rine_plus_ssca_tools')\n"
@@ -117,9 +120,19 @@ def test_eval_without_the_package_writes_its_tables_and_says_in_one_line_that_th
     pictures = "note: drawing eval's pictures and intervals"
     assert len(notes) == 1 and notes[0].startswith(pictures), result.stdout[-3000:]
     written = sorted(path.name for path in (tmp_path / "out").iterdir())
-    # the script writes the per-image scores and draws TIE's picture
-    assert written == ["eval_test_max2-seed0.csv", "eval_test_max2-seed0.md", "eval_test_max2-seed0_scores.csv",
-                       f"tie_block_importance_{rps.BEST_NAME[:-4]}.png"], written
+    # the script writes the tables and the per-image scores; every picture is the package's
+    assert written == ["eval_test_max2-seed0.csv", "eval_test_max2-seed0.md", "eval_test_max2-seed0_scores.csv"], written
+
+
+def test_torchrun_and_seeds_without_the_package_say_so_in_one_line_before_reading_data(tmp_path):
+    # torchrun sets WORLD_SIZE in each process it starts; the copy alone refuses before joining any group.
+    for args, env, needed_by in ((["--data-dir", "nowhere"], {"WORLD_SIZE": "2"}, "Training under torchrun"),
+                                 (["--data-dir", "nowhere", "--seeds", "0,1"], {}, "--seeds")):
+        result = run_copied_script(args, cwd=alone(tmp_path), env_extra=env)
+        assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+        lines = nonempty_lines(result.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {needed_by} {MISSING}"), result.stderr
+        assert "nowhere" not in result.stdout + result.stderr  # refused before the data folder is looked at
 
 
 def test_the_project_installs_and_both_import_from_any_folder(tmp_path):

@@ -16,11 +16,13 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools.distributed import TorchrunProcesses
 from conftest import REPO, SCRIPT, run_script, write_demo_tree
 
 EXIT_WITHIN_S = 30  # after the moment a run is done, it must be gone within this
@@ -305,6 +307,7 @@ def _joint_decisions(rank, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     outcome = {}
     try:
+        procs = TorchrunProcesses(rank, 2, torch.device("cpu"), dist.group.WORLD)
         log = rps.BadImageLog("training", [f"img{i}.png" for i in range(10)], max_fraction=0.15)
         stop = rps.GracefulStop()
         if rank == 0:
@@ -312,11 +315,11 @@ def _joint_decisions(rank, init_file, results):
         else:
             stop.requested = signal.SIGTERM
         try:
-            rps.end_run_if_asked([], stop, dist.group.WORLD)
+            rps.end_run_if_asked([], procs, stop)
         except KeyboardInterrupt:
             outcome["stop"] = int(stop.requested)
         try:
-            rps.end_run_if_asked([log], control_group=dist.group.WORLD)
+            rps.end_run_if_asked([log], procs)
         except rps.UserError as error:
             outcome["bad"] = str(error)
     finally:
@@ -359,8 +362,9 @@ def _one_process_without_images(rank, init_file, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        take_step = rps.every_process_has_images(rank == 0, dist.group.WORLD)
-        rps.seed_dropout_per_process(3, rank, 2, 1, 0)
+        procs = TorchrunProcesses(rank, 2, torch.device("cpu"), dist.group.WORLD)
+        take_step = procs.all_have(rank == 0)
+        procs.seed_dropout(3, 1, 0)
         mask = torch.nn.functional.dropout(torch.ones(64), 0.5, training=True) > 0
     finally:
         dist.destroy_process_group()
@@ -377,6 +381,8 @@ def test_one_process_keeps_seeds_dropout_stream():
     torch.manual_seed(5)
     expected = torch.rand(8)
     torch.manual_seed(5)
-    rps.seed_dropout_per_process(5, 0, 1, 1, 0)
+    one = rps.join_processes(SimpleNamespace(DEVICE="cpu"))  # without torchrun's WORLD_SIZE: one process
+    assert isinstance(one, rps.OneProcess) and (one.rank, one.world_size) == (0, 1)
+    one.seed_dropout(5, 1, 0)
     assert torch.equal(torch.rand(8), expected)
-    assert rps.every_process_has_images(False, None) is False and rps.every_process_has_images(True, None) is True
+    assert one.all_have(False) is False and one.all_have(True) is True

@@ -9,6 +9,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rine_plus_ssca as rps
+from rine_plus_ssca_tools import plots, seeds
 from conftest import nonempty_lines, run_script, small_config, write_demo_tree
 
 SEEDS = [0, 1, 2]
@@ -34,7 +35,7 @@ def seeds_run(tmp_path_factory, tiny_backbone):
     with pytest.MonkeyPatch.context() as patch:
         printed = []
         patch.setattr("builtins.print", lambda *args, **kw: printed.append(" ".join(map(str, args))))
-        paths = rps.train_seeds(cfg, SEEDS)
+        paths = seeds.train_seeds(cfg, SEEDS)
     return dict(root=root, paths=paths, stdout="\n".join(printed))
 
 
@@ -63,7 +64,7 @@ def test_seeds_train_distinct_checkpoints_sharing_validation_and_cache(seeds_run
     lines = seeds_run["stdout"].splitlines()
     mean = next(line for line in lines if line.startswith("mean ")).split()[1:]
     std = next(line for line in lines if line.startswith("std ")).split()[1:]
-    metrics = np.array([[rps.read_checkpoint(p)["metrics"][m] for m in rps.SEED_SUMMARY_METRICS] for p in paths])
+    metrics = np.array([[rps.read_checkpoint(p)["metrics"][m] for m in seeds.SEED_SUMMARY_METRICS] for p in paths])
     assert np.allclose([float(v) for v in mean], metrics.mean(axis=0), atol=6e-5)
     assert np.allclose([float(v) for v in std], metrics.std(axis=0, ddof=1), atol=6e-5)
 
@@ -176,7 +177,7 @@ def test_resuming_seeds_finishes_the_finished_ones_at_once_and_starts_the_rest(s
     before = {p: p.stat().st_mtime_ns for p in seeds_run["paths"]}
     cfg = small_config(tiny_backbone, DATA_DIR=str(root / "data"), CHECKPOINT_DIR=str(root / "runs"), EPOCHS=1,
                        VAL_CLASSES="nearest", CACHE_FEATURES=True, CACHE_VIEWS=1, RESUME=True)
-    paths = rps.train_seeds(cfg, SEEDS + [7])
+    paths = seeds.train_seeds(cfg, SEEDS + [7])
     out = capsys.readouterr().out
     assert paths[:3] == seeds_run["paths"] and all(p.stat().st_mtime_ns == before[p] for p in paths[:3])
     assert out.count("nothing left to do") == 3
@@ -187,7 +188,7 @@ def test_resuming_seeds_finishes_the_finished_ones_at_once_and_starts_the_rest(s
 @pytest.mark.slow
 def test_the_loss_log_covers_every_image_and_averages_to_the_epochs_losses(seeds_run):
     folder = seeds_run["paths"][0].parent
-    rows = rps.read_loss_log(folder / rps.LOSS_LOG_NAME)
+    rows = plots.read_loss_log(folder / rps.LOSS_LOG_NAME)
     history = rps.read_checkpoint(folder / rps.LAST_NAME)["history"]
     assert rows and [int(r["run_step"]) for r in rows] == sorted({int(r["run_step"]) for r in rows})
     for metrics in history:
