@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +22,7 @@ import torch
 
 import rine_plus_ssca as rps
 from rine_plus_ssca_tools.distributed import TorchrunProcesses
-from conftest import REPO, SCRIPT, run_script, write_demo_tree
+from conftest import REPO, run_script, write_demo_tree
 
 EXIT_WITHIN_S = 30  # after the moment a run is done, it must be gone within this
 GUARD_S = 600  # how long to wait for a marker: a guard against a broken test, not a timing assertion
