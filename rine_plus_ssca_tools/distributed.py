@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -86,8 +87,6 @@ class TorchrunProcesses:
 
     def gather(self, arrays, bce_sum):
         """Validation results of all processes: each array concatenated, the BCE sums added."""
-        import numpy as np
-
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, (arrays, bce_sum))
         return (tuple(np.concatenate([g[0][i] for g in gathered]) for i in range(len(arrays))),
